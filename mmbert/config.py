@@ -1,0 +1,309 @@
+"""Typed run configuration: YAML file + CLI overrides, validated with one clear message per error."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
+STRATEGIES = ("fsdp", "ddp", "none")
+
+
+@dataclass
+class SplitConfig:
+    # One of: index files (one 0-based row index per line) ...
+    train_indices: Optional[str] = None
+    val_indices: Optional[str] = None
+    test_indices: Optional[str] = None
+    # ... separate files ...
+    train_file: Optional[str] = None
+    val_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # ... or fractions of one file, shuffled with a seed (train, val, test).
+    fractions: Optional[list[float]] = None
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    text_columns: list[str] = field(default_factory=list)
+    text_separator: str = ". "
+    numeric_columns: list[str] = field(default_factory=list)
+    categorical_columns: list[str] = field(default_factory=list)
+    label_column: Optional[str] = None
+    # auto: one-hot when the column holds lists, else the sorted distinct values of the train split.
+    label_type: Literal["auto", "int", "string", "onehot"] = "auto"
+    id_column: Optional[str] = None
+    # Tabular columns also written into the text as "Name: value." (they stay tabular features too).
+    serialize_columns: list[str] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_tokens: int = 128
+    max_chunks: int = 4
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: Literal["pooler", "cls", "mean"] = "pooler"
+    hidden_dim: int = 384
+    fusion: Literal[FUSIONS] = "cross_attn"  # type: ignore[valid-type]
+    num_heads: int = 4
+    dropout: float = 0.1
+    cat_embedding_dim: int = 16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 16  # per rank
+    grad_accum: int = 1
+    lr: float = 5e-5
+    head_lr: Optional[float] = None  # fusion/head/tabular learning rate; defaults to lr
+    weight_decay: float = 0.01
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.06
+    warmup_steps: Optional[int] = None
+    max_grad_norm: Optional[float] = 1.0
+    class_weights: Optional[list[float]] = None
+    eval_every: Optional[int] = None  # steps; evaluation also runs at the end of each epoch
+    eval_each_epoch: bool = True
+    metric: str = "roc_auc"
+    metric_mode: Literal["max", "min"] = "max"
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement
+    select_best: bool = True  # final/ holds the best evaluated weights
+    log_every: int = 10
+    checkpoint_every: Optional[int] = None
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None  # "auto" or a checkpoint directory
+    overwrite: bool = False
+    seed: int = 42
+    bucket_by_length: bool = True
+    bucket_block: int = 64
+    num_threads: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class DistConfig:
+    strategy: Optional[Literal[STRATEGIES]] = None  # type: ignore[valid-type]  # None: accelerate env or "none"
+    wrap_policy: Optional[Literal["class", "size", "class+size", "none"]] = None
+    wrap_classes: Optional[list[str]] = None  # default: the encoder's _no_split_modules
+    min_params: Optional[int] = None
+    sharding: Optional[Literal["full", "shard_grad_op", "hybrid"]] = None
+    mixed_precision: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = None
+    activation_checkpointing: Optional[bool] = None
+    cpu_offload: Optional[bool] = None
+    timeout_s: int = 600
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- typed coercion
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys in '{prefix.rstrip('.') or 'top level'}': "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str):
+    """A --set value is parsed as YAML, so `4`, `1e-4`, `true`, `null`, `[a, b]` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(raw: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None) -> Config:
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, dist)")
+    for key, value in overrides or []:
+        if "." not in key:
+            raise ConfigError(f"--set {key}: use section.key=value (sections: data, model, train, dist)")
+        _set_path(raw, key, value)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    positive = {
+        "data.max_tokens": d.max_tokens, "data.max_chunks": d.max_chunks, "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum, "train.epochs": t.epochs, "train.log_every": t.log_every,
+        "model.hidden_dim": m.hidden_dim, "model.num_heads": m.num_heads, "train.keep_checkpoints": t.keep_checkpoints,
+        "train.bucket_block": t.bucket_block, "dist.timeout_s": cfg.dist.timeout_s,
+    }
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {v}")
+    for key, v in {"train.max_steps": t.max_steps, "train.checkpoint_every": t.checkpoint_every,
+                   "train.eval_every": t.eval_every, "data.max_train_rows": d.max_train_rows,
+                   "data.max_eval_rows": d.max_eval_rows, "train.num_threads": t.num_threads,
+                   "train.eval_batch_size": t.eval_batch_size,
+                   "train.early_stopping_patience": t.early_stopping_patience}.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1 when set, got {v}")
+    if d.max_tokens < 8:
+        raise ConfigError(f"config key 'data.max_tokens' must be >= 8 (room for [CLS], [SEP] and text), got {d.max_tokens}")
+    if m.hidden_dim % m.num_heads:
+        raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide model.hidden_dim ({m.hidden_dim})")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if not d.label_column:
+        raise ConfigError("config key 'data.label_column' is required for training")
+    if m.fusion != "tab_only" and not d.text_columns:
+        raise ConfigError(f"config key 'data.text_columns' is empty but model.fusion is '{m.fusion}' (use tab_only)")
+    if m.fusion == "tab_only" and not (d.numeric_columns or d.categorical_columns):
+        raise ConfigError("model.fusion is 'tab_only' but data.numeric_columns and data.categorical_columns are empty")
+    roles = [*d.text_columns, *d.numeric_columns, *d.categorical_columns]
+    dup = sorted({c for c in roles if roles.count(c) > 1})
+    if dup:
+        raise ConfigError(f"column '{dup[0]}' is given more than one role in data.text_columns/numeric_columns/categorical_columns")
+    if d.label_column in roles:
+        raise ConfigError(f"data.label_column '{d.label_column}' is also used as a feature column")
+    for c in d.serialize_columns:
+        if c not in d.numeric_columns and c not in d.categorical_columns:
+            raise ConfigError(f"data.serialize_columns: '{c}' is not a numeric or categorical column")
+    s = d.split
+    if s.fractions is not None:
+        if len(s.fractions) not in (2, 3) or any(f < 0 for f in s.fractions) or abs(sum(s.fractions) - 1) > 1e-6:
+            raise ConfigError(f"config key 'data.split.fractions' must be 2 or 3 non-negative numbers summing to 1, got {s.fractions}")
+        if s.train_indices or s.train_file:
+            raise ConfigError("data.split: give fractions or index files or separate files, not several")
+    if s.train_indices and s.train_file:
+        raise ConfigError("data.split: give train_indices or train_file, not both")
+    if cfg.dist.sharding and cfg.dist.strategy not in (None, "fsdp"):
+        raise ConfigError(f"config key 'dist.sharding' only applies to strategy fsdp, not '{cfg.dist.strategy}'")
+    if t.resume not in (None, "auto") and not os.path.isdir(t.resume):
+        raise ConfigError(f"config key 'train.resume': '{t.resume}' is neither 'auto' nor a checkpoint directory")

@@ -1,0 +1,278 @@
+"""Preprocessing fitted on the train split only and saved as JSON (no pickle): numeric statistics,
+categorical vocabularies, the label map and the text recipe."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArtifactError, DataError
+
+FORMAT_VERSION = 1
+
+
+def _is_missing(v) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return v is pd.NA or v is pd.NaT
+
+
+def _as_list(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v if isinstance(v, (list, tuple)) else None
+
+
+@dataclass
+class Encoded:
+    """One split, encoded: arrays aligned by position; `rows` are 0-based row numbers in the source file."""
+    rows: np.ndarray
+    texts: list[str]
+    numeric: np.ndarray  # n x N standardised (missing -> 0 after imputation)
+    missing: np.ndarray  # n x N 1.0 where the value was missing
+    categorical: np.ndarray  # n x K int64, 0 = unknown/missing
+    labels: Optional[np.ndarray]  # n int64 class index, or None (prediction run)
+    ids: Optional[list]
+    report: dict = field(default_factory=dict)  # counted, documented data fixes (unseen categories ...)
+
+    def __len__(self):
+        return len(self.rows)
+
+
+@dataclass
+class Preprocessor:
+    tokenizer: str
+    text_columns: list[str]
+    text_separator: str
+    numeric_columns: list[str]
+    categorical_columns: list[str]
+    label_column: Optional[str]
+    id_column: Optional[str]
+    serialize_columns: list[str]
+    max_tokens: int
+    max_chunks: int
+    numeric_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    label_type: str = "int"
+    classes: list[Any] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    def fit(cls, df: pd.DataFrame, data_cfg, tokenizer: str, file: str) -> "Preprocessor":
+        p = cls(tokenizer=tokenizer, text_columns=list(data_cfg.text_columns), text_separator=data_cfg.text_separator,
+                numeric_columns=list(data_cfg.numeric_columns), categorical_columns=list(data_cfg.categorical_columns),
+                label_column=data_cfg.label_column, id_column=data_cfg.id_column,
+                serialize_columns=list(data_cfg.serialize_columns), max_tokens=data_cfg.max_tokens,
+                max_chunks=data_cfg.max_chunks)
+        p.check_columns(df, file, require_label=True)
+        for c in p.numeric_columns:
+            vals, _ = p._numeric_values(df, c, file)
+            finite = vals[np.isfinite(vals)]
+            if len(finite) == 0:
+                raise DataError(f"{file}: numeric column '{c}' has no values in the train split")
+            median = float(np.median(finite))
+            filled = np.where(np.isfinite(vals), vals, median)
+            std = float(filled.std())
+            p.numeric_stats[c] = {"median": median, "mean": float(filled.mean()), "std": std if std > 1e-12 else 1.0}
+        for c in p.categorical_columns:
+            values = {str(v) for v in df[c].tolist() if not _is_missing(v)}
+            p.vocabularies[c] = sorted(values)
+        p._fit_labels(df, data_cfg.label_type, file)
+        return p
+
+    def _fit_labels(self, df: pd.DataFrame, label_type: str, file: str):
+        col = df[self.label_column].tolist()
+        for i, v in zip(df.index, col):
+            if _is_missing(v):
+                raise DataError(f"{file}: column '{self.label_column}', row {i}: the label is missing")
+        first = _as_list(col[0])
+        if label_type == "onehot" or (label_type == "auto" and first is not None):
+            self.label_type = "onehot"
+            self.classes = list(range(len(first or [])))
+            if len(self.classes) < 2:
+                raise DataError(f"{file}: one-hot column '{self.label_column}' needs at least 2 classes")
+            return
+        ints = all(isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+                   for v in col if not isinstance(v, (bool, np.bool_)))
+        if label_type == "int" or (label_type == "auto" and ints and not isinstance(col[0], str)):
+            if not ints:
+                bad = next(i for i, v in zip(df.index, col) if not isinstance(v, (int, float, np.integer, np.floating)))
+                raise DataError(f"{file}: column '{self.label_column}', row {bad}: label is not an integer")
+            self.label_type = "int"
+            self.classes = sorted({int(v) for v in col})
+        else:
+            self.label_type = "string"
+            self.classes = sorted({str(v) for v in col})
+        if len(self.classes) < 2:
+            raise DataError(f"{file}: label column '{self.label_column}' has a single class {self.classes} in the train split")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.classes]
+
+    # ------------------------------------------------------------------ transform
+    def check_columns(self, df: pd.DataFrame, file: str, require_label: bool):
+        needed = [*self.text_columns, *self.numeric_columns, *self.categorical_columns]
+        if self.id_column:
+            needed.append(self.id_column)
+        if require_label and self.label_column:
+            needed.append(self.label_column)
+        for c in needed:
+            if c not in df.columns:
+                raise DataError(f"{file}: configured column '{c}' is missing (columns: {', '.join(map(str, df.columns))})")
+
+    def _numeric_values(self, df: pd.DataFrame, c: str, file: str) -> tuple[np.ndarray, int]:
+        """float64 values with NaN where missing; +-inf counted and treated as missing."""
+        s = df[c]
+        if s.dtype == bool:
+            s = s.astype(float)
+        conv = pd.to_numeric(s, errors="coerce")
+        bad = conv.isna() & ~s.isna()
+        if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+            blank = s.astype(str).str.strip() == ""
+            bad &= ~blank
+        if bad.any():
+            i = bad.idxmax()
+            raise DataError(f"{file}: numeric column '{c}', row {i}: {str(s[i])[:60]!r} is not a number")
+        vals = conv.to_numpy(dtype=np.float64, na_value=np.nan)
+        n_inf = int(np.isinf(vals).sum())
+        vals[np.isinf(vals)] = np.nan
+        return vals, n_inf
+
+    def texts(self, df: pd.DataFrame) -> tuple[list[str], int]:
+        parts_by_col = [[("" if _is_missing(v) else str(v)) for v in df[c].tolist()] for c in self.text_columns]
+        prefix_cols = [(c, df[c].tolist()) for c in self.serialize_columns]
+        out = []
+        empty = 0
+        for r in range(len(df)):
+            parts = [p[r].strip() for p in parts_by_col]
+            text = self.text_separator.join(p for p in parts if p)
+            if prefix_cols:
+                serial = " ".join(f"{c}: {'unknown' if _is_missing(v[r]) else _fmt(v[r])}." for c, v in prefix_cols)
+                text = f"{serial} {text}".strip()
+            if not text:
+                empty += 1
+            out.append(text)
+        return out, empty
+
+    def transform(self, df: pd.DataFrame, file: str, with_labels: Optional[bool] = None) -> Encoded:
+        """Encode rows; `with_labels=None` uses labels when the label column is present."""
+        if with_labels is None:
+            with_labels = bool(self.label_column) and self.label_column in df.columns
+        self.check_columns(df, file, require_label=with_labels)
+        report: dict[str, Any] = {}
+        n = len(df)
+        numeric = np.zeros((n, len(self.numeric_columns)), dtype=np.float32)
+        missing = np.zeros_like(numeric)
+        for j, c in enumerate(self.numeric_columns):
+            vals, n_inf = self._numeric_values(df, c, file)
+            st = self.numeric_stats[c]
+            miss = ~np.isfinite(vals)
+            missing[:, j] = miss
+            numeric[:, j] = (np.where(miss, st["median"], vals) - st["mean"]) / st["std"]
+            if n_inf:
+                report.setdefault("infinite_numeric_as_missing", {})[c] = n_inf
+        categorical = np.zeros((n, len(self.categorical_columns)), dtype=np.int64)
+        for j, c in enumerate(self.categorical_columns):
+            index = {v: i + 1 for i, v in enumerate(self.vocabularies[c])}
+            unseen = 0
+            for r, v in enumerate(df[c].tolist()):
+                if _is_missing(v):
+                    continue
+                k = index.get(str(v), 0)
+                unseen += k == 0
+                categorical[r, j] = k
+            if unseen:
+                report.setdefault("unseen_categories", {})[c] = unseen
+        texts, empty = self.texts(df) if self.text_columns else ([""] * n, 0)
+        if empty and self.text_columns:
+            report["empty_texts"] = empty
+        labels = self.encode_labels(df, file) if with_labels else None
+        ids = None
+        if self.id_column:
+            ids = [None if _is_missing(v) else (v.item() if isinstance(v, np.generic) else v)
+                   for v in df[self.id_column].tolist()]
+            seen: set = set()
+            dups = [v for v in ids if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
+            if dups:
+                report["duplicate_ids"] = len(dups)
+        return Encoded(rows=np.asarray(df.index, dtype=np.int64), texts=texts, numeric=numeric, missing=missing,
+                       categorical=categorical, labels=labels, ids=ids, report=report)
+
+    def encode_labels(self, df: pd.DataFrame, file: str) -> np.ndarray:
+        col = df[self.label_column].tolist()
+        out = np.empty(len(col), dtype=np.int64)
+        if self.label_type == "onehot":
+            k = len(self.classes)
+            for r, (i, v) in enumerate(zip(df.index, col)):
+                vec = _as_list(v)
+                if vec is None or len(vec) != k or sorted(vec) != [0] * (k - 1) + [1]:
+                    raise DataError(f"{file}: column '{self.label_column}', row {i}: {v!r} is not a one-hot vector of length {k}")
+                out[r] = list(vec).index(1)
+            return out
+        index = {c: j for j, c in enumerate(self.classes)}
+        for r, (i, v) in enumerate(zip(df.index, col)):
+            if _is_missing(v):
+                raise DataError(f"{file}: column '{self.label_column}', row {i}: the label is missing")
+            key: Any
+            if self.label_type == "int":
+                try:
+                    f = float(v)
+                    key = int(f) if f.is_integer() else None
+                except (TypeError, ValueError):
+                    key = None
+            else:
+                key = str(v)
+            if key not in index:
+                raise DataError(f"{file}: column '{self.label_column}', row {i}: label {v!r} is not in the label map "
+                                f"{self.classes} fitted on the train split")
+            out[r] = index[key]
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1, ensure_ascii=False)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Preprocessor":
+        if not os.path.isfile(path):
+            raise ArtifactError(f"preprocessing file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{path} does not hold a preprocessing object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ArtifactError(f"{path}: unknown preprocessing keys {sorted(unknown)}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ArtifactError(f"{path}: incomplete preprocessing file: {e}") from None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)

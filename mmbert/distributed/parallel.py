@@ -1,0 +1,233 @@
+"""Parallelism: FSDP2 (`fully_shard`) with auto-wrap policies, DDP, or none; settings resolved from the
+config first, then accelerate's FSDP_* / ACCELERATE_MIXED_PRECISION env vars, then defaults."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+from .env import DistEnv
+
+log = logging.getLogger("mmbert")
+
+_ACC_WRAP = {"TRANSFORMER_BASED_WRAP": "class", "SIZE_BASED_WRAP": "size", "NO_WRAP": "none"}
+_ACC_SHARD = {"FULL_SHARD": "full", "1": "full", "SHARD_GRAD_OP": "shard_grad_op", "2": "shard_grad_op",
+              "HYBRID_SHARD": "hybrid", "4": "hybrid", "_HYBRID_SHARD_ZERO2": "hybrid", "5": "hybrid"}
+_ACC_PRECISION = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+DEFAULT_MIN_PARAMS = 1_000_000
+
+
+@dataclass
+class ParallelPlan:
+    strategy: str
+    wrap_policy: str
+    wrap_classes: Optional[list[str]]
+    min_params: int
+    sharding: str
+    mixed_precision: str  # fp32 | bf16 | fp16
+    activation_checkpointing: bool
+    cpu_offload: bool
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision]
+
+
+def _env_bool(name: str) -> Optional[bool]:
+    v = os.environ.get(name)
+    return None if v is None else v.strip().lower() in ("1", "true", "yes")
+
+
+def resolve_plan(dcfg, device: torch.device) -> ParallelPlan:
+    env = os.environ
+    strategy = dcfg.strategy or ("fsdp" if _env_bool("ACCELERATE_USE_FSDP") else "none")
+    wrap = dcfg.wrap_policy or _ACC_WRAP.get(env.get("FSDP_AUTO_WRAP_POLICY", "").upper(), "class")
+    classes = dcfg.wrap_classes
+    if classes is None and env.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        classes = [c.strip() for c in env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",") if c.strip()]
+    min_params = dcfg.min_params
+    if min_params is None:
+        try:
+            min_params = int(env.get("FSDP_MIN_NUM_PARAMS", "0")) or DEFAULT_MIN_PARAMS
+        except ValueError:
+            min_params = DEFAULT_MIN_PARAMS
+    sharding = dcfg.sharding or _ACC_SHARD.get(env.get("FSDP_SHARDING_STRATEGY", "").upper())
+    if sharding is None:
+        sharding = "shard_grad_op" if _env_bool("FSDP_RESHARD_AFTER_FORWARD") is False else "full"
+    precision = dcfg.mixed_precision or _ACC_PRECISION.get(env.get("ACCELERATE_MIXED_PRECISION", "").lower(), "auto")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmul is far slower than fp32 on CPUs
+    if precision != "fp32" and device.type == "cpu":
+        log.warning("mixed precision %s on CPU: expect it to be much slower than fp32", precision)
+    ac = dcfg.activation_checkpointing
+    if ac is None:
+        ac = bool(_env_bool("FSDP_ACTIVATION_CHECKPOINTING"))
+    offload = dcfg.cpu_offload
+    if offload is None:
+        offload = bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
+    if strategy != "fsdp" and offload:
+        raise ConfigError("config key 'dist.cpu_offload' needs strategy fsdp")
+    return ParallelPlan(strategy, wrap, classes, min_params, sharding, precision, ac, offload)
+
+
+# ----------------------------------------------------------------------------- wrap policies
+
+def default_wrap_classes(model: nn.Module) -> list[str]:
+    """The encoder's `_no_split_modules` (BertEmbeddings, BertLayer for BERT)."""
+    te = getattr(model, "text_encoder", None)
+    names = list(getattr(te.encoder, "_no_split_modules", None) or []) if te is not None else []
+    return names
+
+
+def units_by_class(model: nn.Module, class_names: list[str]) -> list[str]:
+    wanted = set(class_names)
+    return [name for name, m in model.named_modules() if name and type(m).__name__ in wanted]
+
+
+def units_by_size(model: nn.Module, min_params: int) -> list[str]:
+    """Bottom-up: a module becomes a unit when the parameters it holds outside already-chosen units
+    reach `min_params` (like torch's size_based_auto_wrap_policy)."""
+    chosen: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> int:
+        count = sum(p.numel() for p in module.parameters(recurse=False))
+        for child_name, child in module.named_children():
+            count += visit(f"{name}.{child_name}" if name else child_name, child)
+        if name and count >= min_params:
+            chosen.append(name)
+            return 0
+        return count
+
+    visit("", model)
+    return chosen
+
+
+def plan_units(model: nn.Module, policy: str, classes: Optional[list[str]], min_params: int) -> list[str]:
+    """Names of the submodules that get their own FSDP unit, children before parents. The fusion block
+    and head always form one unit; the root (not listed) is always wrapped last."""
+    if policy == "none":
+        units: list[str] = []
+    else:
+        units = []
+        if "class" in policy:
+            names = classes or default_wrap_classes(model)
+            found = units_by_class(model, names)
+            if names and not found:
+                present = sorted({type(m).__name__ for m in model.modules()})
+                raise ConfigError(f"dist.wrap_classes {names} match no module of the model (classes: {', '.join(present[:30])})")
+            units += found
+        if "size" in policy:
+            units += [u for u in units_by_size(model, min_params) if u not in units]
+    if hasattr(model, "fusion_head") and "fusion_head" not in units:
+        units.append("fusion_head")
+    # children before parents: deeper names first, stable otherwise
+    return sorted(units, key=lambda n: -n.count("."))
+
+
+# ----------------------------------------------------------------------------- apply
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def build_mesh(env: DistEnv, sharding: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if sharding == "hybrid":
+        return init_device_mesh(env.device.type, (env.num_nodes, env.world_size // env.num_nodes),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+
+
+def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = build_mesh(env, plan.sharding)
+    reshard = plan.sharding != "shard_grad_op"
+    mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if plan.cpu_offload and env.device.type == "cuda" else None
+    if plan.cpu_offload and env.device.type != "cuda":
+        log.info("cpu_offload: parameters already live on the CPU; nothing to offload")
+    common = dict(mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    if offload is not None:
+        common["offload_policy"] = offload
+    units = plan_units(model, plan.wrap_policy, plan.wrap_classes, plan.min_params)
+    if plan.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for name in units:
+            if name != "fusion_head" and "Embedding" not in type(model.get_submodule(name)).__name__:
+                _set_submodule(model, name, checkpoint_wrapper(model.get_submodule(name)))
+    if plan.param_dtype != torch.float32:
+        _keep_layernorms_fp32(model, common)
+    for name in units:
+        module = model.get_submodule(name)
+        fully_shard(getattr(module, "_checkpoint_wrapped_module", module), **common)
+    fully_shard(model, **common)
+    log.info("FSDP2: %d units + root, sharding=%s, precision=%s, activation_checkpointing=%s",
+             len(units), plan.sharding, plan.mixed_precision, plan.activation_checkpointing)
+    return model
+
+
+def _keep_layernorms_fp32(model: nn.Module, common: dict):
+    """LayerNorms as their own fp32 units; their output is cast back to the dtype that came in."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fp32 = dict(common, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            fully_shard(m, **fp32)
+            m.register_forward_pre_hook(lambda mod, args: setattr(mod, "_mmbert_in_dtype", args[0].dtype), prepend=True)
+            m.register_forward_hook(lambda mod, args, out: out.to(mod._mmbert_in_dtype))
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
+    model.to(env.device)
+    if plan.strategy == "fsdp":
+        return apply_fsdp(model, plan, env)
+    if plan.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def grad_sync(model: nn.Module, plan: ParallelPlan, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on non-final micro-steps of gradient accumulation."""
+    if plan.strategy == "ddp" and not sync:
+        return model.no_sync()
+    if plan.strategy == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """Global gradient norm, correct for sharded (DTensor) parameters; clips when max_norm is set."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,46 @@
+"""User-facing errors: one clear line, no traceback (unless --debug)."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+
+
+class MMBertError(Exception):
+    """An error caused by the user's input (data, config, artifacts), reported as one line."""
+
+
+class ConfigError(MMBertError):
+    pass
+
+
+class DataError(MMBertError):
+    pass
+
+
+class ArtifactError(MMBertError):
+    pass
+
+
+def run_main(main):
+    """Wrap an entry point: MMBertError -> one line on stderr, exit 2; --debug shows tracebacks."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv or os.environ.get("MMBERT_DEBUG") == "1"
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+        try:
+            return main(argv)
+        except MMBertError as e:
+            if debug:
+                traceback.print_exc()
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    return wrapper

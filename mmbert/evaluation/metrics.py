@@ -1,0 +1,80 @@
+"""Classification metrics with scikit-learn: one implementation for validation in train.py and evaluate.py."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+def _safe(fn, *args, **kwargs):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = fn(*args, **kwargs)
+        v = float(v)
+        return v if np.isfinite(v) else None
+    except ValueError:  # e.g. ROC-AUC with a single class present
+        return None
+
+
+def best_threshold_f1(labels: np.ndarray, p1: np.ndarray) -> tuple[float, float]:
+    """Positive-class F1 maximised over thresholds (as in the published results): (f1, threshold)."""
+    from sklearn.metrics import precision_recall_curve
+
+    prec, rec, thr = precision_recall_curve(labels, p1)
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)[:-1]
+    if len(f1) == 0:
+        return 0.0, 0.5
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(thr[i])
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    from sklearn import metrics as M
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    out: dict = {"n": int(len(labels)), "accuracy": float(M.accuracy_score(labels, pred))}
+    out["mcc"] = _safe(M.matthews_corrcoef, labels, pred)
+    out["log_loss"] = _safe(M.log_loss, labels, np.clip(probs, 1e-7, 1.0), labels=list(range(k)))
+    out["confusion_matrix"] = M.confusion_matrix(labels, pred, labels=list(range(k))).tolist()
+    if k == 2:
+        p1 = probs[:, 1]
+        out["f1"] = float(M.f1_score(labels, pred, zero_division=0))
+        out["precision"] = float(M.precision_score(labels, pred, zero_division=0))
+        out["recall"] = float(M.recall_score(labels, pred, zero_division=0))
+        out["roc_auc"] = _safe(M.roc_auc_score, labels, p1)
+        out["pr_auc"] = _safe(M.average_precision_score, labels, p1)
+        if len(np.unique(labels)) == 2:
+            out["best_threshold_f1"], out["best_threshold"] = best_threshold_f1(labels, p1)
+    else:
+        out["f1_macro"] = float(M.f1_score(labels, pred, average="macro", zero_division=0))
+        out["f1_micro"] = float(M.f1_score(labels, pred, average="micro", zero_division=0))
+        out["precision_macro"] = float(M.precision_score(labels, pred, average="macro", zero_division=0))
+        out["recall_macro"] = float(M.recall_score(labels, pred, average="macro", zero_division=0))
+        present = np.unique(labels)
+        if len(present) == k:
+            out["roc_auc"] = _safe(M.roc_auc_score, labels, probs, multi_class="ovr", average="macro")
+        else:
+            out["roc_auc"] = None
+        onehot = np.eye(k)[labels]
+        aps = [_safe(M.average_precision_score, onehot[:, j], probs[:, j]) for j in range(k) if j in present]
+        aps = [a for a in aps if a is not None]
+        out["pr_auc"] = float(np.mean(aps)) if aps else None
+    out["classes"] = list(class_names)
+    return out
+
+
+SUMMARY_KEYS = ("n", "accuracy", "f1", "f1_macro", "f1_micro", "precision", "recall", "roc_auc", "pr_auc",
+                "mcc", "log_loss", "best_threshold_f1", "best_threshold")
+
+
+def summary_table(metrics: dict) -> str:
+    rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  --------"]
+    for k, v in rows:
+        lines.append(f"{k:<{width}}  {'n/a' if v is None else (f'{v:.4f}' if isinstance(v, float) else v)}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""AdamW with no weight decay on biases and LayerNorm weights; warmup schedules stepped per optimizer step."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None) -> list[dict]:
+    """Four groups: (encoder | rest) x (decay | no decay). Norm weights and biases (and 1-D params) get no decay."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+        is_encoder = "text_encoder.encoder." in name
+        groups.setdefault((is_encoder, no_decay), []).append(p)
+    out = []
+    for (is_encoder, no_decay), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr": lr if is_encoder else (head_lr or lr)})
+    return out
+
+
+def build_optimizer(model: nn.Module, tcfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, tcfg.weight_decay, tcfg.lr, tcfg.head_lr)
+    # foreach=True is safe for DTensor (FSDP2) and plain tensors alike; fused needs CUDA.
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr before optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def build_scheduler(optimizer, tcfg, total_steps: int):
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, tcfg.schedule))

@@ -14,7 +14,7 @@ from .io import load_table, read_indices
 from .preprocess import Preprocessor
 from .tokenize import chunk_tokenize
 
-log = logging.getLogger("mmbert")
+log = logging.getLogger("mmbert.main")  # identical on every rank: reported once, by rank 0
 
 
 @dataclass

@@ -83,7 +83,7 @@ class Preprocessor:
             std = float(filled.std())
             p.numeric_stats[c] = {"median": median, "mean": float(filled.mean()), "std": std if std > 1e-12 else 1.0}
         for c in p.categorical_columns:
-            values = {str(v) for v in df[c].tolist() if not _is_missing(v)}
+            values = {_fmt(v) for v in df[c].tolist() if not _is_missing(v)}  # 3.0 -> "3": int columns read as float
             p.vocabularies[c] = sorted(values)
         p._fit_labels(df, data_cfg.label_type, file)
         return p
@@ -146,7 +146,7 @@ class Preprocessor:
         if bad.any():
             i = bad.idxmax()
             raise DataError(f"{file}: numeric column '{c}', row {i}: {str(s[i])[:60]!r} is not a number")
-        vals = conv.to_numpy(dtype=np.float64, na_value=np.nan)
+        vals = conv.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # a view is read-only under CoW
         n_inf = int(np.isinf(vals).sum())
         vals[np.isinf(vals)] = np.nan
         return vals, n_inf
@@ -191,7 +191,7 @@ class Preprocessor:
             for r, v in enumerate(df[c].tolist()):
                 if _is_missing(v):
                     continue
-                k = index.get(str(v), 0)
+                k = index.get(_fmt(v), 0)
                 unseen += k == 0
                 categorical[r, j] = k
             if unseen:

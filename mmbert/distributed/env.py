@@ -77,6 +77,8 @@ def setup_logging(rank: int, world: int):
     handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # "mmbert.main": messages every rank would repeat identically (data reports); rank 0 only.
+    logging.getLogger("mmbert.main").setLevel(logging.INFO if rank == 0 else logging.CRITICAL + 1)
 
 
 def set_threads(local_world: int, requested: int | None):

@@ -334,8 +334,9 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", sps=f"{G / dt:.1f}")
         epoch_done = state.position + G > n
+        last = state.step == total_steps
         if val_ds is not None and ((tc.eval_every and state.step % tc.eval_every == 0)
-                                   or (epoch_done and tc.eval_each_epoch)):
+                                   or (epoch_done and tc.eval_each_epoch) or last):
             evaluate_now()
         if all_reduce_max_flag(preempt.requested, env.device):
             save(state)
@@ -345,15 +346,12 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
             if bar is not None:
                 bar.close()
             return None
-        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+        if last or stop_reason or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
             save(state)
     if bar is not None:
         bar.close()
     if stop_reason:
         log.info(stop_reason)
-    if val_ds is not None and state.last_eval_step != state.step:
-        evaluate_now()
-    save(state)
 
     # ---- the consolidated artifact (collective gather, rank 0 writes)
     final = os.path.join(out, "final")

@@ -1,0 +1,161 @@
+"""The distributed engine with real processes (torchrun, gloo on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tiny_bert, tmp_path_factory) -> str:
+    """The tiny BERT with dropout off, so runs on different world sizes must agree."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    path = str(tmp_path_factory.mktemp("tiny_bert_nodrop"))
+    cfg = BertConfig.from_pretrained(tiny_bert)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)
+    for f in os.listdir(tiny_bert):
+        if "token" in f or f.startswith("vocab") or f.startswith("special"):
+            shutil.copy(os.path.join(tiny_bert, f), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_data(reviews, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("data") / "small.parquet")
+    reviews.iloc[:240].to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def config(no_dropout_bert, small_data, tmp_path_factory) -> str:
+    return write_config(tmp_path_factory.mktemp("cfg") / "c.yaml", no_dropout_bert, small_data,
+                        train={"select_best": False, "eval_each_epoch": False})
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def test_none_ddp_fsdp_agree(config, tmp_path):
+    """Same global batch (16): 1 process x 16 vs 2 processes x 8, DDP and FSDP."""
+    runs = {"none": (1, 16), "ddp": (2, 8), "fsdp": (2, 8)}
+    for strategy, (nproc, bs) in runs.items():
+        r = run_cli(["train.py", "--config", config, "--strategy", strategy, "--max-steps", "4",
+                     "--batch-size", str(bs), "--output-dir", str(tmp_path / strategy)], nproc=nproc)
+        if strategy == "fsdp":
+            assert "FSDP2: 4 units + root" in r.stdout + r.stderr  # embeddings, 2 layers, fusion+head
+    ref = losses(tmp_path / "none")
+    assert sorted(ref) == [1, 2, 3, 4]
+    ref_w = load_file(tmp_path / "none" / "final" / "model.safetensors")
+    for strategy in ("ddp", "fsdp"):
+        got = losses(tmp_path / strategy)
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], abs=1e-5), (strategy, step)
+        w = load_file(tmp_path / strategy / "final" / "model.safetensors")
+        assert set(w) == set(ref_w)
+        diff = max((w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+        assert diff < 1e-4, (strategy, diff)
+    assert losses(tmp_path / "none")[4] < losses(tmp_path / "none")[1]
+
+
+def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
+    out = str(tmp_path / "run")
+    run_cli(["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "4", "--checkpoint-every", "2",
+             "--output-dir", out], nproc=2)
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts == ["step_2", "step_4"]
+    assert any(f.endswith(".distcp") for f in os.listdir(os.path.join(out, "checkpoints", "step_4")))
+    r = run_cli(["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "6", "--resume", "auto",
+                 "--output-dir", out], nproc=2)
+    assert "at step 4" in r.stdout + r.stderr
+    r = run_cli(["train.py", "--config", config, "--strategy", "none", "--max-steps", "8", "--resume", "auto",
+                 "--output-dir", out])
+    assert "at step 6" in r.stdout + r.stderr and "saved on 2 ranks, now 1" in r.stdout + r.stderr
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+    assert steps == list(range(1, 9))  # one continuous step count
+    assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_finished_run_is_not_clobbered(config, tmp_path):
+    out = str(tmp_path / "run")
+    run_cli(["train.py", "--config", config, "--max-steps", "1", "--output-dir", out])
+    r = run_cli(["train.py", "--config", config, "--max-steps", "1", "--output-dir", out], check=False)
+    assert r.returncode != 0 and "finished run" in r.stderr and "Traceback" not in r.stderr
+    run_cli(["train.py", "--config", config, "--max-steps", "1", "--output-dir", out, "--overwrite"])
+
+
+def _wait_for_step(path: str, step: int, proc: subprocess.Popen, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        if os.path.isfile(path) and any('"loss"' in ln and json.loads(ln)["step"] >= step for ln in open(path)):
+            return
+        time.sleep(0.1)
+    raise AssertionError("run did not reach the step in time")
+
+
+def test_sigterm_to_one_rank_saves_and_resume_matches_uninterrupted(config, tmp_path):
+    args = ["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "14", "--set", "train.log_every=1"]
+    # the uninterrupted reference
+    run_cli(args + ["--output-dir", str(tmp_path / "ref")], nproc=2)
+    ref = losses(tmp_path / "ref")
+
+    out = str(tmp_path / "pre")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"] + args + ["--output-dir", out],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(os.path.join(out, "metrics.jsonl"), 3, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGTERM)  # one rank only
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    assert "preempted (SIGTERM)" in log or "preempted (peer signal)" in log
+    done = [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")]
+    assert len(done) == 1 and os.path.isfile(os.path.join(out, "checkpoints", done[0], "COMPLETE"))
+    saved_step = int(done[0].split("_")[1])
+    assert 3 <= saved_step < 14 and not os.path.exists(os.path.join(out, "final"))
+    assert max(losses(out)) == saved_step  # saved exactly at the last finished step boundary
+
+    run_cli(args + ["--output-dir", out, "--resume", "auto"], nproc=2)
+    got = losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in ref:  # the same bits as the run that was never interrupted
+        assert got[step] == ref[step], (step, got[step], ref[step])
+
+
+def test_partial_checkpoints_are_skipped(tmp_path):
+    from mmbert.distributed.checkpoint import COMPLETE, find_latest
+
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step_2", True), ("step_4", True), ("step_6", False), (".tmp_step_8", False)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / COMPLETE).write_text("ok")
+    assert find_latest(str(root)) == str(root / "step_4")
+    assert find_latest(str(tmp_path / "nothing")) is None

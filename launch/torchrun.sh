@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Single node:   launch/torchrun.sh train.py --config configs/womens_clothing.yaml --strategy fsdp
+# Multi node:    on every node, with the same HEAD_ADDR:
+#                NNODES=2 NPROC_PER_NODE=8 HEAD_ADDR=node01 launch/torchrun.sh train.py --config ...
+# Any entry script (train.py, evaluate.py) and its arguments follow; c10d rendezvous on HEAD_ADDR:HEAD_PORT.
+set -euo pipefail
+NNODES=${NNODES:-1}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
+  else
+    NPROC_PER_NODE=${CPU_PROCS:-2}   # CPU runs: a few processes, each given its share of the cores
+  fi
+fi
+HEAD_ADDR=${HEAD_ADDR:-127.0.0.1}
+HEAD_PORT=${HEAD_PORT:-29500}
+RDZV_ID=${RDZV_ID:-mmbert}
+if [[ "$NNODES" == 1 && "$HEAD_ADDR" == 127.0.0.1 ]]; then
+  RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:0}   # single node: any free port
+else
+  RDZV_ENDPOINT=${RDZV_ENDPOINT:-$HEAD_ADDR:$HEAD_PORT}
+fi
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
+  --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" \
+  --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
+  "$@"

@@ -88,6 +88,11 @@ def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert ckpts == ["step_2", "step_4"]
     assert any(f.endswith(".distcp") for f in os.listdir(os.path.join(out, "checkpoints", "step_4")))
+    # the sharded checkpoint consolidates, on one process with no model code, to the final weights
+    single = str(tmp_path / "single.safetensors")
+    r = run_cli(["-m", "mmbert.tools.consolidate", os.path.join(out, "checkpoints", "step_4"), single])
+    a, b = load_file(single), load_file(os.path.join(out, "final", "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run_cli(["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "6", "--resume", "auto",
                  "--output-dir", out], nproc=2)
     assert "at step 4" in r.stdout + r.stderr

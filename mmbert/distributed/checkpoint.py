@@ -105,13 +105,19 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def consolidate(checkpoint_dir: str, out_file: str):
-    """Turn a DCP checkpoint into one safetensors file of model weights (single process, no model needed)."""
+def consolidate(checkpoint_dir: str, out_file: str) -> int:
+    """Turn a DCP checkpoint into one safetensors file of model weights (one process, no model code)."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: F401  (documented alternative)
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    state = _load_state_dict_from_keys(keys={"model"}, checkpoint_id=checkpoint_dir)
-    model = {k: v.contiguous() for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
-    save_file(model, out_file)
-    return len(model)
+    reader = dcp.FileSystemReader(checkpoint_dir)
+    meta = reader.read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    save_file({k[len("model."):]: v.contiguous() for k, v in state.items()}, out_file)
+    return len(state)

@@ -47,6 +47,9 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     max_tokens: int = 128
     max_chunks: int = 4
+    # Pad every training batch to max_chunks x max_tokens (what fixed-length pipelines do); only for
+    # benchmarks: dynamic padding computes the same result on fewer tokens.
+    pad_to_max: bool = False
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
 

@@ -28,14 +28,18 @@ class TableDataset:
         return self.enc.labels is not None
 
 
-def collate(ds: TableDataset, idx: np.ndarray | list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(ds: TableDataset, idx: np.ndarray | list[int], pad_id: int,
+            pad_to: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
     """B x C x T input_ids/attention_mask padded to this batch's longest chunk count and chunk length;
-    `chunk_mask` (B x C) marks real chunks; `index` is each row's position in the split."""
+    `chunk_mask` (B x C) marks real chunks; `index` is each row's position in the split.
+    `pad_to=(C, T)` pads to fixed sizes instead (benchmarks of fixed-length pipelines)."""
     idx = np.asarray(idx, dtype=np.int64)
     rows = [ds.chunks[i] for i in idx]
     B = len(rows)
     C = max(len(r) for r in rows)
     T = max(len(c) for r in rows for c in r)
+    if pad_to is not None:
+        C, T = max(C, pad_to[0]), max(T, pad_to[1])
     ids = np.full((B, C, T), pad_id, dtype=np.int64)
     att = np.zeros((B, C, T), dtype=np.int64)
     cmask = np.zeros((B, C), dtype=bool)

@@ -2,7 +2,7 @@
 
 Training: one global order per epoch, identical on every rank and independent of the world size.
 Optimizer step k consumes order[k*G:(k+1)*G] with G = batch_size * world_size * grad_accum; rank r
-takes its contiguous slice of each micro-batch. The data position saved in checkpoints is therefore a
+takes every world-th row of each micro-batch's slice. The data position saved in checkpoints is therefore a
 single global number (samples consumed this epoch), so a run resumes on any world size.
 
 Evaluation: rows sorted by length (fast batches), padded by repetition to a multiple of the world size
@@ -43,8 +43,10 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
 
 
 def micro_batch(order: np.ndarray, position: int, micro: int, rank: int, world: int, batch_size: int) -> np.ndarray:
-    start = position + micro * batch_size * world + rank * batch_size
-    return order[start:start + batch_size]
+    """Rank r's rows of micro-step `micro`: every world-th row of the micro-step's slice, so with
+    length-grouped orders all ranks get rows of similar length (nobody waits for a longer shard)."""
+    start = position + micro * batch_size * world
+    return order[start + rank:start + batch_size * world:world]
 
 
 def eval_shard(n: int, rank: int, world: int, lengths: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:

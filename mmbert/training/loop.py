@@ -283,6 +283,7 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
                              tc.keep_checkpoints, env.rank)
 
     is_cuda = env.device.type == "cuda"
+    pad_to = (dc.max_chunks, dc.max_tokens) if dc.pad_to_max else None
     while state.step < total_steps and stop_reason is None:
         if state.position + G > n:
             state.epoch, state.position = state.epoch + 1, 0
@@ -293,7 +294,8 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
         if is_cuda and log_step:
             torch.cuda.synchronize()
         t_step = time.perf_counter()
-        host = [collate(train_ds, micro_batch(order, state.position, m, env.rank, W, B), pad_id) for m in range(A)]
+        host = [collate(train_ds, micro_batch(order, state.position, m, env.rank, W, B), pad_id, pad_to)
+                for m in range(A)]
         real_tok = sum(batch_token_counts(b)[0] for b in host)
         pad_tok = sum(batch_token_counts(b)[1] for b in host)
         if weights is None:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,15 +19,15 @@ import yaml
 
 from ..artifact import PREPROCESSING, WEIGHTS, build_model, save_artifact
 from ..config import Config
-from ..data.dataset import TableDataset, batch_token_counts, collate, move_batch
+from ..data.dataset import batch_token_counts, collate, move_batch
 from ..data.pipeline import build_dataset, load_splits
 from ..data.preprocess import Preprocessor
 from ..data.samplers import epoch_order, micro_batch, steps_per_epoch
 from ..data.tokenize import load_tokenizer
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
-from ..distributed.parallel import (ParallelPlan, all_reduce_max_flag, clip_grad_norm, grad_sync, parallelize,
-                                    resolve_plan, unwrap)
+from ..distributed.parallel import (all_reduce_max_flag, clip_grad_norm, grad_sync, parallelize,
+                                    resolve_plan)
 from ..errors import ConfigError
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.predict import predict, run_model

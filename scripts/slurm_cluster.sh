@@ -7,7 +7,8 @@
 #   scripts/slurm_cluster.sh stop      # stop daemons (state in /var/spool is kept)
 #   scripts/slurm_cluster.sh restart
 #
-# Env overrides: SLURM_MEM_MARGIN_MB (default 1024), SLURM_START_TIMEOUT (default 60 s).
+# Env overrides: SLURM_MEM_MARGIN_MB (default 1024), SLURM_START_TIMEOUT (default 60 s),
+# SLURM_CRED_EXPIRE (default 10 s = delay before a requeued job may restart).
 # All subcommands are idempotent. See scripts/SLURM_NOTES.md.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ RUN_DIR=/run/slurm
 MUNGE_KEY=/etc/munge/munge.key
 MEM_MARGIN_MB="${SLURM_MEM_MARGIN_MB:-1024}"
 START_TIMEOUT="${SLURM_START_TIMEOUT:-60}"
+# requeued jobs wait cred_expire seconds before they may start again (Slurm default 120)
+CRED_EXPIRE="${SLURM_CRED_EXPIRE:-10}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { echo "[slurm_cluster] $*" >&2; }
@@ -64,6 +67,7 @@ SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=${CRED_EXPIRE}
 CredType=cred/munge
 StateSaveLocation=${CTLD_SPOOL}
 SlurmdSpoolDir=${SLURMD_SPOOL}
@@ -84,6 +88,8 @@ MailProg=/bin/true
 SwitchType=switch/none
 LaunchParameters=use_interactive_step
 SchedulerType=sched/backfill
+# schedule often so requeued / pending jobs start quickly in tests
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$(( mem_mb / cpus ))
@@ -145,12 +151,15 @@ cmd_start() {
     local changed=0
     write_conf && changed=1 || true
 
+    if (( changed )); then
+        # some settings (e.g. AuthInfo) are only read at daemon start, so restart rather
+        # than `scontrol reconfigure`; running jobs survive (state is saved in the spool)
+        stop_daemon slurmd
+        stop_daemon slurmctld
+    fi
     if [[ -z "$(daemon_pid slurmctld)" ]]; then
         log "starting slurmctld"
         slurmctld        # daemonizes itself
-    elif (( changed )); then
-        log "config changed, reconfiguring"
-        scontrol reconfigure || true
     fi
     if [[ -z "$(daemon_pid slurmd)" ]]; then
         log "starting slurmd"

@@ -57,6 +57,14 @@ def requeue_under_slurm():
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
+    try:  # a cancelled / timed-out job is already ending on purpose (state no longer RUNNING): don't requeue it
+        r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60)
+        state = r.stdout.split("JobState=", 1)[1].split()[0] if r.returncode == 0 and "JobState=" in r.stdout else ""
+        if state and state != "RUNNING":
+            log.warning("SLURM job %s is %s, not requeueing it (resubmit with --resume auto to continue)", job, state)
+            return False
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     try:
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -39,8 +39,9 @@ def reviews() -> pd.DataFrame:
     return pd.read_parquet(DATA).iloc[:400].reset_index(drop=True)
 
 
-def write_config(path, tiny_bert: str, data: str, **sections) -> str:
-    """A YAML config for `data` with the shipped column roles and the tiny encoder; `sections` override."""
+def write_config(path, tiny_bert: str, data: str, /, **sections) -> str:
+    """A YAML config for `data` with the shipped column roles and the tiny encoder; `sections` override
+    (positional-only arguments, so `data={...}` overrides the data section)."""
     import yaml
 
     cfg = {

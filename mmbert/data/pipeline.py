@@ -39,6 +39,16 @@ def check_columns(df: pd.DataFrame, cols: list[str], file: str):
             raise DataError(f"{file}: configured column '{c}' is missing (columns: {', '.join(map(str, df.columns))})")
 
 
+def fraction_split(n: int, fractions: Optional[list[float]], seed: int) -> dict[str, np.ndarray]:
+    """Sorted row numbers of the non-empty train/val/test parts of a shuffled `n`-row file (also used by
+    evaluate.py --split to recover a split from a model's config.yaml)."""
+    fr = fractions or [0.8, 0.1, 0.1]
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = np.round(np.cumsum(fr) * n).astype(int)
+    starts = [0, *bounds[:-1]]
+    return {name: np.sort(perm[a:b]) for name, a, b in zip(("train", "val", "test"), starts, bounds) if b > a}
+
+
 def load_splits(d) -> dict[str, Split]:
     s = d.split
     need = _required_columns(d)
@@ -62,13 +72,8 @@ def load_splits(d) -> dict[str, Split]:
                 if f:
                     splits[name] = Split(name, df.iloc[read_indices(f, n, d.path)], d.path)
         else:
-            fr = s.fractions or [0.8, 0.1, 0.1]
-            perm = np.random.default_rng(s.seed).permutation(n)
-            bounds = np.round(np.cumsum(fr) * n).astype(int)
-            starts = [0, *bounds[:-1]]
-            for name, a, b in zip(("train", "val", "test"), starts, bounds):
-                if b > a:
-                    splits[name] = Split(name, df.iloc[np.sort(perm[a:b])], d.path)
+            for name, rows in fraction_split(n, s.fractions, s.seed).items():
+                splits[name] = Split(name, df.iloc[rows], d.path)
     if "train" not in splits or len(splits["train"].df) == 0:
         raise DataError("the train split is empty")
     for name, limit in (("train", d.max_train_rows), ("val", d.max_eval_rows), ("test", d.max_eval_rows)):

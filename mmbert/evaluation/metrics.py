@@ -49,6 +49,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
         out["pr_auc"] = _safe(M.average_precision_score, labels, p1)
         if len(np.unique(labels)) == 2:
             out["best_threshold_f1"], out["best_threshold"] = best_threshold_f1(labels, p1)
+        else:  # undefined with one class present: keep the keys so every binary report has them
+            out["best_threshold_f1"], out["best_threshold"] = None, None
     else:
         out["f1_macro"] = float(M.f1_score(labels, pred, average="macro", zero_division=0))
         out["f1_micro"] = float(M.f1_score(labels, pred, average="micro", zero_division=0))
@@ -67,8 +69,20 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     return out
 
 
-SUMMARY_KEYS = ("n", "accuracy", "f1", "f1_macro", "f1_micro", "precision", "recall", "roc_auc", "pr_auc",
-                "mcc", "log_loss", "best_threshold_f1", "best_threshold")
+def per_class_report(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    """Per class: support, precision, recall, F1 (argmax predictions). For evaluation reports."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    k = probs.shape[1]
+    pred = np.asarray(probs).argmax(1)
+    p, r, f, s = precision_recall_fscore_support(np.asarray(labels, dtype=np.int64), pred, labels=list(range(k)),
+                                                 zero_division=0)
+    return {str(c): {"support": int(s[j]), "precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j])}
+            for j, c in enumerate(class_names)}
+
+
+SUMMARY_KEYS = ("n", "accuracy", "f1", "f1_macro", "f1_micro", "precision", "precision_macro", "recall",
+                "recall_macro", "roc_auc", "pr_auc", "mcc", "log_loss", "best_threshold_f1", "best_threshold")
 
 
 def summary_table(metrics: dict) -> str:

@@ -1,5 +1,12 @@
-"""Score a dataset on every rank (same number of batches everywhere) and gather each row once."""
+"""Score a dataset on every rank (same number of batches everywhere) and gather each row once.
+
+Scoring is pluggable: a *scorer* is any callable `batch -> probabilities` (B x K, numpy or tensor) that
+takes the host (CPU) batch of `collate`. `torch_scorer` wraps a PyTorch model (plain, DDP or FSDP);
+an ONNX Runtime session can be wrapped the same way and passed to `predict(..., scorer=...)`.
+"""
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -8,6 +15,8 @@ from ..data.dataset import TableDataset, collate, move_batch
 from ..data.samplers import eval_shard
 from ..distributed.gather import gather_rows
 
+Scorer = Callable[[dict], "np.ndarray | torch.Tensor"]
+
 
 def run_model(model, batch: dict) -> torch.Tensor:
     """Positional call so DDP/FSDP wrappers see it as their forward."""
@@ -15,25 +24,45 @@ def run_model(model, batch: dict) -> torch.Tensor:
                  batch["categorical"], batch.get("chunk_index"))
 
 
-@torch.no_grad()
+def torch_scorer(model, device: torch.device) -> Scorer:
+    """batch (on the host) -> softmax probabilities as float32 numpy, computed on `device`."""
+
+    def score(batch: dict) -> np.ndarray:
+        with torch.no_grad():
+            logits = run_model(model, move_batch(batch, device))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    return score
+
+
 def predict(model, ds: TableDataset, rank: int, world: int, device: torch.device, batch_size: int, pad_id: int,
-            progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            progress: bool = False, scorer: Optional[Scorer] = None,
+            num_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (positions of this rank's own rows, their probabilities, all-rank merged probabilities by
-    position 0..n-1). The merged array has exactly len(ds) rows: the sampler's padding repeats are dropped."""
-    was_training = model.training
-    model.eval()
+    position 0..n-1). The merged array has exactly len(ds) rows: the sampler's padding repeats are dropped.
+    With `scorer` given, `model` may be None (e.g. ONNX Runtime scoring)."""
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    if scorer is None:
+        scorer = torch_scorer(model, device)
     shard, real = eval_shard(len(ds), rank, world, ds.lengths)
     probs_parts = []
     batches = range(0, len(shard), batch_size)
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        batches = tqdm(batches, desc="predict", unit="batch", dynamic_ncols=True)
     for s in batches:
-        batch = move_batch(collate(ds, shard[s:s + batch_size], pad_id), device)
-        probs_parts.append(torch.softmax(run_model(model, batch).float(), dim=-1).cpu().numpy())
-    k = probs_parts[0].shape[1] if probs_parts else 0
-    local = np.concatenate(probs_parts) if probs_parts else np.zeros((0, k), np.float32)
+        out = scorer(collate(ds, shard[s:s + batch_size], pad_id))
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().numpy()
+        probs_parts.append(np.asarray(out, dtype=np.float32))
+    if probs_parts:
+        local = np.concatenate(probs_parts)
+    else:  # an empty shard (fewer rows than ranks cannot happen after padding, but an empty dataset can)
+        k = num_classes if num_classes is not None else 0
+        local = np.zeros((0, k), np.float32)
     index, merged = gather_rows(shard, {"probs": local})
     assert len(index) == len(ds) and (index == np.arange(len(ds))).all(), "evaluation lost or duplicated rows"
     if was_training:

@@ -1,0 +1,334 @@
+"""evaluate.py: score a data file with a trained model directory on any number of processes.
+
+Every rank loads the model directory (safetensors + JSON only) as a plain, replicated model: whatever
+strategy trained it, inference needs no sharding. Each rank scores its shard of the length-sorted,
+padded order (same number of batches everywhere); the probabilities are all-gathered and the padding
+repeats dropped by row position, so every input row counts exactly once.
+
+Outputs (OUT = --output-dir):
+    test_result_rank{r}.tsv   rank r's own rows (no padding repeats), in input order
+    predictions.tsv           all rows once, in input order (rank 0)
+    metrics.json              labelled data only (rank 0)
+    *.png                     ROC / PR curves and confusion matrix (labelled data), probability histogram
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from ..cli import _Parser
+from ..data.dataset import TableDataset
+from ..data.io import load_table, read_indices
+from ..data.pipeline import build_dataset, fraction_split
+from ..distributed.env import DistEnv, cleanup, init_distributed
+from ..errors import ArtifactError, ConfigError, DataError
+from .metrics import compute_metrics, per_class_report, summary_table
+from .plots import ALL as PLOT_FILES
+from .plots import write_plots
+from .predict import Scorer, predict, torch_scorer
+
+log = logging.getLogger("mmbert")
+main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat: rank 0 only
+
+PREDICTIONS = "predictions.tsv"
+METRICS = "metrics.json"
+RANK_FILE = "test_result_rank{}.tsv"
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py", description="Evaluate (labelled data) or predict (unlabelled data) with a "
+                                                "trained model directory, on one process or many.")
+    p.add_argument("--model-dir", required=True, help="a model directory written by train.py (RUN/final or RUN/best)")
+    p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--split", choices=SPLITS,
+                      help="score the rows of this training split, as recorded in MODEL_DIR/config.yaml "
+                           "(index file, split file, or fractions + seed)")
+    rows.add_argument("--indices", metavar="FILE", help="score these rows of --data (one 0-based row index per line), "
+                                                        "in the order listed")
+    p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
+    p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")
+    p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout in seconds (default 1800)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def parse_eval_args(argv) -> argparse.Namespace:
+    args = build_eval_parser().parse_args(argv)
+    for name in ("batch_size", "max_rows", "num_threads", "timeout_s"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"evaluate.py: --{name.replace('_', '-')} must be >= 1, got {v}")
+    return args
+
+
+# ----------------------------------------------------------------------------- scorer (the pluggable part)
+
+def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
+    """(scorer, preprocessor, tokenizer) from the model directory: the consolidated safetensors weights
+    in a plain model on this rank's device."""
+    from ..artifact import load_artifact
+
+    model, pre, tokenizer = load_artifact(args.model_dir, args.trust_remote_code)
+    model.to(env.device)
+    return torch_scorer(model, env.device), pre, tokenizer
+
+
+# A scorer loader returns (batch -> probabilities callable, Preprocessor, tokenizer); run_evaluation takes
+# it as argument. The scorer gets the host batch of `collate` and returns B x K probabilities.
+ScorerLoader = Callable[[argparse.Namespace, DistEnv], "tuple[Scorer, object, object]"]
+
+
+def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
+    """The hook for other scorers. An `--onnx FILE` option would add the flag in build_eval_parser and
+    return here, e.g. with mmbert.export.onnx.OnnxScorer:
+        lambda args, env: (lambda s: (s.predict_proba, s.preprocessor, s.tokenizer))(OnnxScorer(args.onnx))
+    Everything else (row selection, sharding, gathering, files, metrics, plots) stays the same."""
+    return load_torch_scorer
+
+
+# ----------------------------------------------------------------------------- which rows
+
+def read_model_config(model_dir: str) -> dict:
+    """MODEL_DIR/config.yaml as plain YAML (safe_load: no objects are constructed)."""
+    import yaml
+
+    path = os.path.join(model_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path} not found: give --data (and --indices) explicitly")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+        raise ArtifactError(f"{path} does not hold a training config (sections data, model, train, dist)")
+    return raw
+
+
+def _config_path(value, key: str, cfg_file: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"{cfg_file}: '{key}' is not a path: {value!r}")
+    if not os.path.exists(value):
+        raise DataError(f"{value} (from '{key}' in {cfg_file}) not found; relative paths are relative to the "
+                        f"directory training ran in: run from there, or give --data/--indices explicitly")
+    return value
+
+
+@dataclass
+class Selection:
+    df: pd.DataFrame  # index: 0-based row number in `file`; row order = input order
+    file: str
+    description: str
+
+
+def select_rows(args: argparse.Namespace) -> Selection:
+    cfg_file = os.path.join(args.model_dir, "config.yaml")
+    data = args.data
+    if args.split or not data:
+        dcfg = read_model_config(args.model_dir).get("data") or {}
+    if not data and not (args.split and (dcfg.get("split") or {}).get(f"{args.split}_file")):
+        data = _config_path(dcfg.get("path"), "data.path", cfg_file)
+    if args.split:
+        s = dcfg.get("split") or {}
+        name = args.split
+        if s.get(f"{name}_file"):
+            f = _config_path(s[f"{name}_file"], f"data.split.{name}_file", cfg_file)
+            if args.data and os.path.abspath(args.data) != os.path.abspath(f):
+                raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({f}); "
+                                  f"drop --data, or give --data without --split")
+            df, desc = load_table(f), f"split {name} (file)"
+            data = f
+        elif s.get(f"{name}_indices"):
+            idx_file = _config_path(s[f"{name}_indices"], f"data.split.{name}_indices", cfg_file)
+            table = load_table(data)
+            df, desc = table.iloc[read_indices(idx_file, len(table), data)], f"split {name} ({idx_file})"
+        elif s.get("train_indices") or s.get("train_file"):
+            raise ConfigError(f"--split {name}: {cfg_file} records no {name} split")
+        else:
+            table = load_table(data)
+            parts = fraction_split(len(table), s.get("fractions"), int(s.get("seed") or 0))
+            if name not in parts:
+                raise ConfigError(f"--split {name}: the fractions {s.get('fractions')} in {cfg_file} leave it empty")
+            fractions = s.get("fractions") or [0.8, 0.1, 0.1]
+            df, desc = table.iloc[parts[name]], f"split {name} (fractions {fractions}, seed {s.get('seed') or 0})"
+    elif args.indices:
+        table = load_table(data)
+        df, desc = table.iloc[read_indices(args.indices, len(table), data)], f"rows of {args.indices}"
+    else:
+        df, desc = load_table(data), "all rows"
+    if args.max_rows is not None and len(df) > args.max_rows:
+        df, desc = df.iloc[:args.max_rows], f"{desc}, first {args.max_rows}"
+    if len(df) == 0:
+        raise DataError(f"{data}: no rows selected ({desc})")
+    return Selection(df, data, desc)
+
+
+# ----------------------------------------------------------------------------- output files
+
+def prob_columns(class_names: list[str]) -> list[str]:
+    return ["prob"] if len(class_names) == 2 else [f"prob_{c}" for c in class_names]
+
+
+def prediction_frame(ds: TableDataset, positions: np.ndarray, probs: np.ndarray, class_names: list[str],
+                     id_column: Optional[str]) -> pd.DataFrame:
+    """One row per position: row (0-based row number in the data file), id, label (when known),
+    probability column(s), pred (class name of the most probable class)."""
+    enc = ds.enc
+    names = np.asarray(class_names, dtype=object)
+    cols: dict = {"row": enc.rows[positions]}
+    if id_column and enc.ids is not None:
+        cols[id_column] = np.asarray([enc.ids[i] for i in positions] + [None], dtype=object)[:-1]
+    if enc.labels is not None:
+        cols["label"] = names[enc.labels[positions]]
+    if len(class_names) == 2:
+        cols["prob"] = probs[:, 1]
+    else:
+        for j, c in enumerate(prob_columns(class_names)):
+            cols[c] = probs[:, j]
+    cols["pred"] = names[probs.argmax(1)] if len(probs) else np.asarray([], dtype=object)
+    return pd.DataFrame(cols)
+
+
+def write_tsv(df: pd.DataFrame, path: str):
+    tmp = path + ".tmp"
+    # %.9g round-trips float32 exactly: metrics recomputed from the file match metrics.json
+    df.to_csv(tmp, sep="\t", index=False, float_format="%.9g")
+    os.replace(tmp, path)
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def clear_outputs(out: str):
+    """Remove what an earlier run left in OUT (e.g. rank files of a larger world size, or metrics.json
+    before a prediction run), so the folder only describes this run."""
+    stale = glob.glob(os.path.join(out, RANK_FILE.format("*"))) + [
+        os.path.join(out, f) for f in (PREDICTIONS, METRICS, *PLOT_FILES)]
+    for f in stale:
+        if os.path.isfile(f):
+            os.remove(f)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = None) -> dict:
+    env = init_distributed(args.timeout_s, args.num_threads)
+    try:
+        return run_evaluation(args, env, scorer_loader or default_scorer_loader(args))
+    finally:
+        cleanup()
+
+
+def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
+    t0 = time.time()
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory {out}: {e.strerror}") from None
+    scorer, pre, tokenizer = scorer_loader(args, env)
+    sel = select_rows(args)
+
+    # id column: --id-column must exist; the training config's one is used when the file has it
+    if args.id_column:
+        if args.id_column not in sel.df.columns:
+            raise DataError(f"{sel.file}: --id-column '{args.id_column}' is missing "
+                            f"(columns: {', '.join(map(str, sel.df.columns))})")
+        pre.id_column = args.id_column
+    elif pre.id_column and pre.id_column not in sel.df.columns:
+        main_log.warning("id column '%s' of the training config is not in %s: prediction files carry row numbers only",
+                    pre.id_column, sel.file)
+        pre.id_column = None
+    labelled = bool(pre.label_column) and pre.label_column in sel.df.columns
+    ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data")
+    class_names = pre.class_names
+    if env.is_main:
+        clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes
+        log.info("%s: %d rows (%s)%s | model %s | %d process%s on %s", sel.file, len(ds), sel.description,
+                 "" if labelled else f" | no label column '{pre.label_column}': prediction run",
+                 args.model_dir, env.world_size, "es" if env.world_size > 1 else "", env.device)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id,
+                                    progress=env.is_main and not args.no_progress, scorer=scorer,
+                                    num_classes=pre.num_classes)
+    if probs.shape[1] != pre.num_classes:
+        raise ArtifactError(f"the scorer returns {probs.shape[1]} probabilities per row but the label map has "
+                            f"{pre.num_classes} classes {pre.classes}")
+    order = np.argsort(own, kind="stable")  # the rank file in input order too
+    write_tsv(prediction_frame(ds, own[order], own_probs[order], class_names, pre.id_column),
+              os.path.join(out, RANK_FILE.format(env.rank)))
+    if not env.is_main:
+        return {}
+
+    write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, class_names, pre.id_column),
+              os.path.join(out, PREDICTIONS))
+    result: dict = {}
+    if labelled:
+        labels = ds.enc.labels
+        result = compute_metrics(labels, probs, class_names)
+        result["per_class"] = per_class_report(labels, probs, class_names)
+        result["run"] = {"model_dir": args.model_dir, "data": sel.file, "rows": sel.description,
+                         "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
+        tmp = os.path.join(out, METRICS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(result), f, indent=1)
+        os.replace(tmp, os.path.join(out, METRICS))
+    pictures = [] if args.no_plots else write_plots(out, probs, class_names, ds.enc.labels if labelled else None,
+                                                   result.get("confusion_matrix"))
+    print(summary(sel, ds, probs, class_names, result, env.world_size, time.time() - t0, out, pictures), flush=True)
+    return result
+
+
+def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, class_names: list[str], metrics: dict,
+            world: int, seconds: float, out: str, pictures: list[str]) -> str:
+    """One screen: what was scored, the metrics (or the predicted class counts), where the files are."""
+    head = (f"== {'evaluation' if metrics else 'prediction'}: {len(ds)} rows of {sel.file} ({sel.description}), "
+            f"{world} process{'es' if world > 1 else ''}, {seconds:.1f}s")
+    lines = [head]
+    if metrics:
+        lines.append(summary_table(metrics))
+        cm = metrics.get("confusion_matrix")
+        if cm and len(class_names) <= 8:
+            w = max(6, *(len(c) for c in class_names), *(len(str(v)) for r in cm for v in r)) + 1
+            lines.append("confusion matrix (rows: true, columns: predicted)")
+            lines.append(" " * w + "".join(f"{c:>{w}}" for c in class_names))
+            lines += [f"{c:>{w}}" + "".join(f"{v:>{w}}" for v in row) for c, row in zip(class_names, cm)]
+    else:
+        counts = np.bincount(probs.argmax(1), minlength=len(class_names)) if len(probs) else []
+        lines.append("predicted classes: " + ", ".join(f"{c}={int(n)}" for c, n in zip(class_names, counts)))
+    files = [PREDICTIONS, RANK_FILE.format(0 if world == 1 else "{0.." + str(world - 1) + "}")]
+    if metrics:
+        files.append(METRICS)
+    files += [os.path.basename(p) for p in pictures]
+    lines.append(f"outputs in {out}: " + ", ".join(files))
+    return "\n".join(lines)

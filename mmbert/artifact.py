@@ -26,10 +26,12 @@ PREPROCESSING = "preprocessing.json"
 
 
 def build_model(spec: ModelSpec, encoder_source: Optional[str], pretrained: bool, trust_remote_code: bool = False,
-                encoder_config_dir: Optional[str] = None) -> MultimodalClassifier:
+                encoder_config_dir: Optional[str] = None,
+                attention_dropout: Optional[float] = None) -> MultimodalClassifier:
     encoder = None
     if spec.fusion != "tab_only":
-        encoder = load_encoder(encoder_source or spec.encoder, pretrained, trust_remote_code, encoder_config_dir)
+        encoder = load_encoder(encoder_source or spec.encoder, pretrained, trust_remote_code, encoder_config_dir,
+                               attention_dropout=attention_dropout)
     return MultimodalClassifier(spec, encoder)
 
 

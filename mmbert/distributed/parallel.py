@@ -197,7 +197,10 @@ def parallelize(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module
     if plan.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no second gradient copy, no
+        # copy into/out of the buckets each step)
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
     return model
 
 

@@ -95,9 +95,14 @@ def effective_fusion(requested: str, has_tab: bool) -> str:
     return requested
 
 
-def load_encoder(name: str, pretrained: bool, trust_remote_code: bool = False, config_dir: Optional[str] = None):
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT family, DistilBERT & co
+
+
+def load_encoder(name: str, pretrained: bool, trust_remote_code: bool = False, config_dir: Optional[str] = None,
+                 attention_dropout: Optional[float] = None):
     """A HF AutoModel, pretrained from a hub id/folder, or (pretrained=False) built from `config_dir`'s
-    config.json with no weights, to be filled from model.safetensors."""
+    config.json with no weights, to be filled from model.safetensors. `attention_dropout` replaces the
+    encoder's attention-probability dropout (0 lets PyTorch's CPU SDPA use its fused kernel in training)."""
     import os
 
     from transformers import AutoConfig, AutoModel
@@ -119,6 +124,17 @@ def load_encoder(name: str, pretrained: bool, trust_remote_code: bool = False, c
     path = resolve_encoder_path(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:
+        if attention_dropout is not None:
+            enc_cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(enc_cfg, k)]
+            if not keys:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"config key 'model.attention_dropout': encoder '{name}' has no attention "
+                                  f"dropout setting ({' / '.join(ATTENTION_DROPOUT_KEYS)})")
+            for k in keys:
+                setattr(enc_cfg, k, attention_dropout)
+            kwargs["config"] = enc_cfg
         try:
             return AutoModel.from_pretrained(path, attn_implementation="sdpa", **kwargs)
         except ValueError as e:

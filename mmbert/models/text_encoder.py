@@ -1,6 +1,7 @@
 """BERT-family encoder over B x C x T chunks -> per-chunk vectors, token states, and the masked chunk mean."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -16,9 +17,15 @@ class TextEncoder(nn.Module):
             encoder.pooler = None  # unused weights would break DDP and waste FSDP memory
         width = encoder.config.hidden_size
         self.proj = nn.Linear(width, hidden_dim) if width != hidden_dim else nn.Identity()
+        # SDPA encoders whose HF code builds masks with `create_bidirectional_mask` take a ready 4D boolean
+        # mask as is; given a 2D mask they call `mask.all()` on every forward, a host-device sync on GPU.
+        module = sys.modules.get(type(encoder).__module__)
+        self._mask_4d = (getattr(encoder.config, "_attn_implementation", None) == "sdpa"
+                         and hasattr(module, "create_bidirectional_mask"))
 
     def _run(self, ids: torch.Tensor, att: torch.Tensor, want_tokens: bool):
-        out = self.encoder(input_ids=ids, attention_mask=att)
+        mask = att[:, None, None, :].bool() if self._mask_4d else att  # B x 1 x 1 x T, True = attend
+        out = self.encoder(input_ids=ids, attention_mask=mask)
         hidden = out.last_hidden_state
         if want_tokens:
             return hidden

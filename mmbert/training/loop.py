@@ -186,7 +186,8 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
                      cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
                      encoder=cfg.model.encoder)
     torch.manual_seed(tc.seed)
-    model = build_model(spec, cfg.model.encoder, pretrained=True, trust_remote_code=cfg.model.trust_remote_code)
+    model = build_model(spec, cfg.model.encoder, pretrained=True, trust_remote_code=cfg.model.trust_remote_code,
+                        attention_dropout=cfg.model.attention_dropout)
     base_model = model
     n_params = sum(p.numel() for p in model.parameters())
     model = parallelize(model, plan, env)
@@ -300,7 +301,7 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
         log_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == total_steps
         if is_cuda and log_step:
             torch.cuda.synchronize()
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         host = [collate(train_ds, micro_batch(order, state.position, m, env.rank, W, B), pad_id, pad_to)
                 for m in range(A)]
         real_tok = sum(batch_token_counts(b)[0] for b in host)
@@ -327,8 +328,11 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
         if bar is not None:
             bar.update(1)
         if log_step:
-            stats = torch.stack([loss_sum, torch.tensor(float(real_tok), device=env.device),
-                                 torch.tensor(float(pad_tok), device=env.device)])
+            # CPU seconds this step took in this process (all its threads), summed over ranks: throughput
+            # per CPU-second is what a shared machine's wall clock cannot show
+            cpu = time.process_time() - c_step
+            stats = torch.tensor([float(real_tok), float(pad_tok), cpu], device=env.device)
+            stats = torch.cat([loss_sum.reshape(1), stats])
             dist.all_reduce(stats)
             if is_cuda:
                 torch.cuda.synchronize()
@@ -337,7 +341,7 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
             record = {"step": state.step, "epoch": state.epoch, "loss": loss,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "samples_per_s": G / dt, "tokens_per_s": float(stats[1]) / dt,
-                      "padded_tokens_per_s": float(stats[2]) / dt, "step_time_s": dt,
+                      "padded_tokens_per_s": float(stats[2]) / dt, "step_time_s": dt, "cpu_s": float(stats[3]),
                       "elapsed_s": time.time() - t0}
             mlog.write(record)
             if bar is not None:

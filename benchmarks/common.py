@@ -1,0 +1,143 @@
+"""Helpers shared by the benchmarks: building the run's data and model exactly as train.py does,
+model FLOP counting, memory readings, and the machine's measured fp32 matmul rate."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------- data + model as train.py
+
+def build_data_and_model(cfg, pretrained: bool = True):
+    """(train dataset, model, spec, pad_id) built the way training/loop.py builds them."""
+    import torch
+
+    from mmbert.artifact import build_model
+    from mmbert.data.pipeline import build_dataset, load_splits
+    from mmbert.data.preprocess import Preprocessor
+    from mmbert.data.tokenize import load_tokenizer
+    from mmbert.models.classifier import ModelSpec, effective_fusion
+
+    dc = cfg.data
+    splits = load_splits(dc)
+    tok = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
+    tr = splits["train"]
+    pre = Preprocessor.fit(tr.df, dc, cfg.model.encoder, tr.file)
+    ds = build_dataset(pre, tok, tr.df, tr.file, with_labels=True, name="train")
+    has_tab = bool(dc.numeric_columns or dc.categorical_columns)
+    spec = ModelSpec(fusion=effective_fusion(cfg.model.fusion, has_tab), hidden_dim=cfg.model.hidden_dim,
+                     num_heads=cfg.model.num_heads, dropout=cfg.model.dropout, pooling=cfg.model.pooling,
+                     num_numeric=len(pre.numeric_columns),
+                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
+                     cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
+                     encoder=cfg.model.encoder)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(spec, cfg.model.encoder, pretrained=pretrained,
+                        trust_remote_code=cfg.model.trust_remote_code, attention_dropout=cfg.model.attention_dropout)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return ds, model, spec, pad_id
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def encoder_shapes(encoder_name: str) -> dict:
+    """Layers, width, FFN width and non-embedding parameter count of the text encoder (from its config,
+    no weights loaded)."""
+    from transformers import AutoConfig
+
+    from mmbert.data.tokenize import resolve_encoder_path
+
+    c = AutoConfig.from_pretrained(resolve_encoder_path(encoder_name))
+    L, H, I = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    # per layer: Q, K, V, O (H x H + H) + FFN (H x I + I, I x H + H) + 2 LayerNorms (2H each)
+    per_layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 4 * H
+    return {"layers": L, "hidden": H, "intermediate": I, "heads": c.num_attention_heads,
+            "non_embedding_params": L * per_layer}
+
+
+def train_flops(real_lengths, shapes: dict) -> float:
+    """Training FLOPs (forward + backward) spent on real tokens: 6 x non-embedding params per token plus
+    attention 12 x layers x T x hidden per token (QK^T and AV, forward+backward), T = each sequence's
+    own real length."""
+    n, L, H = shapes["non_embedding_params"], shapes["layers"], shapes["hidden"]
+    total = 0.0
+    for t in real_lengths:
+        total += 6.0 * n * t + 12.0 * L * t * t * H
+    return total
+
+
+# ----------------------------------------------------------------------------- memory
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def local_nbytes(t) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+# ----------------------------------------------------------------------------- matmul peak
+
+MATMUL_WORKER = r"""
+import sys, time, json, torch
+threads, seconds = int(sys.argv[1]), float(sys.argv[2])
+torch.set_num_threads(threads)
+M = 2048  # tokens of a 16 x 128 micro-batch
+# forward (x W), grad-input (g W^T) and grad-weight (x^T g) shapes of BERT-base-like/MiniLM layers
+shapes = [(M, 384, 384), (M, 384, 1536), (M, 1536, 384), (384, M, 384), (384, M, 1536), (1536, M, 384)]
+mats = [(torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)) for m, k, n in shapes]
+for a, b, c in mats:
+    torch.mm(a, b, out=c)
+flops = 0.0
+t0, c0 = time.perf_counter(), time.process_time()
+while time.perf_counter() - t0 < seconds:
+    for (a, b, c), (m, k, n) in zip(mats, shapes):
+        torch.mm(a, b, out=c)
+        flops += 2.0 * m * k * n
+print(json.dumps({"flops": flops, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
+"""
+
+
+def measure_matmul(procs: int, threads: int, seconds: float = 3.0) -> dict:
+    """`procs` concurrent processes x `threads` threads each running fp32 sgemm of the model's shapes;
+    returns the summed FLOP/s (wall clock) and the FLOP/s per CPU-second (robust to a shared machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    ps = [subprocess.Popen([sys.executable, "-c", MATMUL_WORKER, str(threads), str(seconds)],
+                           stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+    return {"flops_per_s": sum(o["flops"] / o["wall_s"] for o in outs),
+            "flops_per_cpu_s": sum(o["flops"] for o in outs) / sum(o["cpu_s"] for o in outs),
+            "procs": procs, "threads": threads, "seconds": seconds}
+
+
+def torchrun_cmd(nproc: int, script: str, args: list[str], port: Optional[int] = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    if port is None:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
+    else:
+        cmd += ["--master_port", str(port)]
+    return cmd + [script, *args]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")

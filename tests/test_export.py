@@ -238,3 +238,32 @@ def test_failed_verification_leaves_nothing(make_run, tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match=r"differ from PyTorch by 0.5 > 0.0001"):
         ox.export_onnx(make_run("tab_only"), str(out), exporter="torchscript", say=lambda _: None)
     assert not out.exists() and os.listdir(tmp_path / "o") == []
+
+
+def test_train_export_then_evaluate_onnx_matches_torch(workdir, tiny_bert, tmp_path):
+    """The served model scores like the trained one through the whole evaluate.py path: train 2 steps,
+    export, evaluate 77 test rows with PyTorch (1 process) and with onnxruntime (--onnx, 2 processes)."""
+    import pandas as pd
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, str(workdir / "reviews.parquet"),
+                       data={"split": {"fractions": [0.6, 0.2, 0.2], "seed": 0}})
+    run = tmp_path / "run"
+    run_cli(["train.py", "--config", cfg, "--output-dir", str(run), "--max-steps", "2", "--max-eval-rows", "16"])
+    onnx_file = tmp_path / "served" / "model.onnx"
+    run_cli(["export.py", "--model-dir", str(run / "final"), "--output", str(onnx_file)])
+    common = ["--split", "test", "--max-rows", "77", "--no-plots", "--no-progress"]
+    run_cli(["evaluate.py", "--model-dir", str(run / "final"), "--output-dir", str(tmp_path / "ev_torch"), *common])
+    # no --model-dir: the export folder's config.yaml, preprocessing.json and tokenizer/ serve alone
+    r = run_cli(["evaluate.py", "--onnx", str(onnx_file), "--output-dir", str(tmp_path / "ev_onnx"), *common], nproc=2)
+    assert "77 rows" in r.stdout
+    a = pd.read_csv(tmp_path / "ev_torch" / "predictions.tsv", sep="\t")
+    b = pd.read_csv(tmp_path / "ev_onnx" / "predictions.tsv", sep="\t")
+    assert len(a) == len(b) == 77 and (a["row"] == b["row"]).all() and (a["label"] == b["label"]).all()
+    assert np.abs(a["prob"] - b["prob"]).max() <= TOL
+    assert a["prob"].std() > 1e-4, "probabilities barely vary: the comparison would prove little"
+    ma = json.loads((tmp_path / "ev_torch" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "ev_onnx" / "metrics.json").read_text())
+    assert mb["run"]["onnx"] == str(onnx_file) and mb["run"]["world_size"] == 2
+    assert ma["accuracy"] == mb["accuracy"] and abs(ma["log_loss"] - mb["log_loss"]) < 1e-4
+    ranks = [pd.read_csv(tmp_path / "ev_onnx" / f"test_result_rank{r}.tsv", sep="\t") for r in (0, 1)]
+    assert sorted(pd.concat(ranks)["row"]) == sorted(b["row"])

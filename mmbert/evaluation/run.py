@@ -51,7 +51,10 @@ SPLITS = ("train", "val", "test")
 def build_eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description="Evaluate (labelled data) or predict (unlabelled data) with a "
                                                 "trained model directory, on one process or many.")
-    p.add_argument("--model-dir", required=True, help="a model directory written by train.py (RUN/final or RUN/best)")
+    p.add_argument("--model-dir", help="a model directory written by train.py (RUN/final or RUN/best); "
+                                       "optional with --onnx (then the export folder is used)")
+    p.add_argument("--onnx", metavar="FILE", help="score with onnxruntime through an exported model (export.py "
+                                                 "output: model.onnx, model.int8.onnx or its folder) instead of PyTorch")
     p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--split", choices=SPLITS,
@@ -78,6 +81,10 @@ def parse_eval_args(argv) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"evaluate.py: --{name.replace('_', '-')} must be >= 1, got {v}")
+    if not args.model_dir and not args.onnx:
+        raise ConfigError("evaluate.py: give --model-dir (a trained model) or --onnx (an exported one)")
+    if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
+        args.model_dir = args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))
     return args
 
 
@@ -98,12 +105,21 @@ def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
 ScorerLoader = Callable[[argparse.Namespace, DistEnv], "tuple[Scorer, object, object]"]
 
 
+def load_onnx_scorer(args: argparse.Namespace, env: DistEnv):
+    """(scorer, preprocessor, tokenizer) from an export folder: onnxruntime scores, and the preprocessing
+    and tokenizer shipped beside the ONNX file (the same ones the served model uses)."""
+    import torch
+
+    from ..export.onnx import OnnxScorer
+
+    s = OnnxScorer(args.onnx, threads=torch.get_num_threads())
+    return s.predict_proba, s.preprocessor, s.tokenizer
+
+
 def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
-    """The hook for other scorers. An `--onnx FILE` option would add the flag in build_eval_parser and
-    return here, e.g. with mmbert.export.onnx.OnnxScorer:
-        lambda args, env: (lambda s: (s.predict_proba, s.preprocessor, s.tokenizer))(OnnxScorer(args.onnx))
-    Everything else (row selection, sharding, gathering, files, metrics, plots) stays the same."""
-    return load_torch_scorer
+    """PyTorch on the model directory, or onnxruntime with --onnx. Everything else (row selection,
+    sharding, gathering, files, metrics, plots) is the same code for both."""
+    return load_onnx_scorer if getattr(args, "onnx", None) else load_torch_scorer
 
 
 # ----------------------------------------------------------------------------- which rows
@@ -275,7 +291,7 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes
         log.info("%s: %d rows (%s)%s | model %s | %d process%s on %s", sel.file, len(ds), sel.description,
                  "" if labelled else f" | no label column '{pre.label_column}': prediction run",
-                 args.model_dir, env.world_size, "es" if env.world_size > 1 else "", env.device)
+                 args.onnx or args.model_dir, env.world_size, "es" if env.world_size > 1 else "", env.device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id,
@@ -297,7 +313,9 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         labels = ds.enc.labels
         result = compute_metrics(labels, probs, class_names)
         result["per_class"] = per_class_report(labels, probs, class_names)
-        result["run"] = {"model_dir": args.model_dir, "data": sel.file, "rows": sel.description,
+        # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
+        result["data_report"] = ds.enc.report
+        result["run"] = {"model_dir": args.model_dir, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
                          "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
         tmp = os.path.join(out, METRICS + ".tmp")
         with open(tmp, "w") as f:

@@ -1,8 +1,10 @@
 """Load a table (CSV, TSV, Parquet, JSON lines, or a folder of shards) with HF `datasets`."""
 from __future__ import annotations
 
+import codecs
 import glob
 import os
+from typing import Optional
 
 import pandas as pd
 
@@ -38,6 +40,7 @@ def load_table(path: str) -> pd.DataFrame:
         if os.path.getsize(f) == 0:
             raise DataError(f"data file {f} is empty")
     import datasets
+    from datasets.utils import logging as ds_logging
 
     datasets.disable_progress_bars()
     kwargs = {}
@@ -46,24 +49,85 @@ def load_table(path: str) -> pd.DataFrame:
         # keep text as text: no "NA" -> NaN guessing beyond empty cells
         kwargs["keep_default_na"] = False
         kwargs["na_values"] = [""]
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # its "Failed to read file" lines: we report the error once
     try:
         ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=_cache_dir(), **kwargs)
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path} is not valid UTF-8 (byte offset {e.start}): re-encode it as UTF-8") from None
     except Exception as e:  # datasets wraps parser errors in many types; report them with the file
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, UnicodeDecodeError):
-            raise DataError(f"data file {path} is not valid UTF-8: re-encode it as UTF-8") from None
-        if cause is not None and str(cause).strip():
-            msg = str(cause).strip().splitlines()[-1]
-        raise DataError(f"cannot read data file {path}: {msg}") from None
+        raise _diagnose(e, files, fmt, path) from None
+    finally:
+        ds_logging.set_verbosity(verbosity)
+    if fmt == "json":  # the JSON reader keeps invalid UTF-8 bytes in strings, which fail later, anywhere
+        import pyarrow as pa
+
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            if "utf8" in str(e).lower():
+                raise _utf8_error(files, path) from None
+            raise DataError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
     df = ds.to_pandas()
     if len(df.columns) == 0:
         raise DataError(f"data file {path} has no columns")
     if len(df) == 0:
         raise DataError(f"data file {path} has a header but no rows")
     return df.reset_index(drop=True)
+
+
+def _diagnose(e: Exception, files: list[str], fmt: str, path: str) -> DataError:
+    """One DataError naming the file (and line) for a table that HF `datasets` failed to read."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError):
+        return _utf8_error(files, path)
+    for f in files:  # a file with nothing but a header (or blank lines) makes the readers fail obscurely
+        if _has_no_rows(f, fmt):
+            return DataError(f"data file {f} " + ("holds no rows" if fmt == "json" else "has a header but no rows"))
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if cause is not None and str(cause).strip():
+        msg = str(cause).strip().splitlines()[-1]
+    return DataError(f"cannot read data file {path}: {msg}")
+
+
+def _utf8_error(files: list[str], path: str) -> DataError:
+    for f in files:
+        bad = _first_invalid_utf8(f)
+        if bad is not None:
+            return DataError(f"data file {f}, line {bad[1]} (byte {bad[0]}) is not valid UTF-8: re-encode it as UTF-8")
+    return DataError(f"data file {path} is not valid UTF-8: re-encode it as UTF-8")
+
+
+def _first_invalid_utf8(path: str) -> Optional[tuple[int, int]]:
+    """(byte offset, 1-based line) of the first byte that is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character split between chunks
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                pos = max(0, e.start - pending)
+                return offset + pos, line + chunk.count(b"\n", 0, pos)
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset, line
+    return None
+
+
+def _has_no_rows(path: str, fmt: str) -> bool:
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        with open(path, "rb") as f:
+            lines = [ln for ln in f.read(1 << 20).splitlines() if ln.strip()]
+        return len(lines) <= (0 if fmt == "json" else 1)
+    except Exception:  # unreadable in another way: the reader's own message is reported
+        return False
 
 
 def _cache_dir() -> str:

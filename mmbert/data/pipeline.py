@@ -91,3 +91,17 @@ def build_dataset(pre: Preprocessor, tokenizer, df: pd.DataFrame, file: str, wit
     for key, value in enc.report.items():
         log.warning("%s (%s): %s = %s", name, file, key, value)
     return TableDataset(enc, chunks, truncated)
+
+
+def log_label_map(pre: Preprocessor, train_ds: TableDataset, file: str):
+    """Training: the label map is every distinct label of the train split. Log it with its train counts, and
+    warn about a class with a single train row, naming the row: a stray value (a `7` in 0/1 data) would
+    otherwise silently become a class of its own."""
+    counts = np.bincount(train_ds.enc.labels, minlength=pre.num_classes)
+    shown = [f"{c}={n}" for c, n in zip(pre.class_names[:20], counts[:20])]
+    more = f", ... ({pre.num_classes} classes)" if pre.num_classes > 20 else ""
+    log.info("label map of '%s' (train rows): %s%s", pre.label_column, ", ".join(shown), more)
+    for k in np.flatnonzero(counts == 1):
+        row = int(train_ds.enc.rows[train_ds.enc.labels == k][0])
+        log.warning("%s: column '%s', row %d: label %r is the only train row of its class (every distinct train "
+                    "label is a class): check for a stray value", file, pre.label_column, row, pre.classes[k])

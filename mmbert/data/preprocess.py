@@ -14,6 +14,12 @@ import pandas as pd
 from ..errors import ArtifactError, DataError
 
 FORMAT_VERSION = 1
+# Numeric values beyond float32's range are infinite for the model: they count as infinite (-> missing).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Standardised values are clipped to +-Z_MAX (and counted), so the model's inputs stay finite in fp32/bf16/fp16.
+Z_MAX = 1e4
+# Text that means "missing" in a numeric column (CSV is read with keep_default_na=False, so text stays text).
+NA_SPELLINGS = frozenset({"nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
 
 
 def _is_missing(v) -> bool:
@@ -134,22 +140,24 @@ class Preprocessor:
                 raise DataError(f"{file}: configured column '{c}' is missing (columns: {', '.join(map(str, df.columns))})")
 
     def _numeric_values(self, df: pd.DataFrame, c: str, file: str) -> tuple[np.ndarray, int]:
-        """float64 values with NaN where missing; +-inf counted and treated as missing."""
+        """float64 values with NaN where missing; +-inf (and values beyond float32's range) counted and treated
+        as missing."""
         s = df[c]
         if s.dtype == bool:
             s = s.astype(float)
         conv = pd.to_numeric(s, errors="coerce")
         bad = conv.isna() & ~s.isna()
         if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
-            blank = s.astype(str).str.strip() == ""
-            bad &= ~blank
+            text = s.astype(str).str.strip().str.lower()
+            bad &= ~((text == "") | text.isin(NA_SPELLINGS))  # blank cells and NA spellings are missing
         if bad.any():
             i = bad.idxmax()
             raise DataError(f"{file}: numeric column '{c}', row {i}: {str(s[i])[:60]!r} is not a number")
         vals = conv.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # a view is read-only under CoW
-        n_inf = int(np.isinf(vals).sum())
-        vals[np.isinf(vals)] = np.nan
-        return vals, n_inf
+        with np.errstate(invalid="ignore"):
+            infinite = np.abs(vals) > FLOAT32_MAX
+        vals[infinite] = np.nan
+        return vals, int(infinite.sum())
 
     def texts(self, df: pd.DataFrame) -> tuple[list[str], int]:
         parts_by_col = [[("" if _is_missing(v) else str(v)) for v in df[c].tolist()] for c in self.text_columns]
@@ -181,9 +189,13 @@ class Preprocessor:
             st = self.numeric_stats[c]
             miss = ~np.isfinite(vals)
             missing[:, j] = miss
-            numeric[:, j] = (np.where(miss, st["median"], vals) - st["mean"]) / st["std"]
+            z = (np.where(miss, st["median"], vals) - st["mean"]) / st["std"]
+            clipped = int((np.abs(z) > Z_MAX).sum())
+            numeric[:, j] = np.clip(z, -Z_MAX, Z_MAX)
             if n_inf:
                 report.setdefault("infinite_numeric_as_missing", {})[c] = n_inf
+            if clipped:
+                report.setdefault("numeric_clipped", {})[c] = clipped
         categorical = np.zeros((n, len(self.categorical_columns)), dtype=np.int64)
         for j, c in enumerate(self.categorical_columns):
             index = {v: i + 1 for i, v in enumerate(self.vocabularies[c])}

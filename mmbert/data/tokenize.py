@@ -31,11 +31,19 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
+def check_local_folder(name: str):
+    """A name that can only be a folder (absolute, ./ ../, or more than one `/`: a hub id has one at most) must
+    exist: HF would call it a malformed hub id."""
+    if (os.path.isabs(name) or name.startswith(("./", "../")) or name.count("/") > 1) and not os.path.isdir(name):
+        raise ArtifactError(f"encoder folder not found: {name} (model.encoder / --encoder: a local folder or a hub id)")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # no "sequence longer than 512" noise: we chunk ourselves
+    check_local_folder(name_or_path)
     path = resolve_encoder_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -55,14 +63,22 @@ def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int
     if cls_id is None or sep_id is None:
         raise ArtifactError("the tokenizer has no [CLS]/[SEP] (or <s>/</s>) tokens to frame chunks with")
     body = max_tokens - 2
-    # Cap characters before tokenizing: a 100k-character text is cut to its first max_chunks chunks anyway.
-    char_cap = max_chunks * body * 16
-    capped = [t[:char_cap] for t in texts]
+    budget = max_chunks * body
     out: list[list[np.ndarray]] = []
     truncated = 0
     step = 1024
-    for start in range(0, len(capped), step):
-        ids_batch = tokenizer(capped[start:start + step], add_special_tokens=False, truncation=False)["input_ids"]
+    for start in range(0, len(texts), step):
+        batch = texts[start:start + step]
+        # Tokenize a whitespace-bounded prefix of very long texts (a 100k-character text keeps only its first
+        # max_chunks chunks anyway); where that prefix does not give more than the kept tokens, use the whole
+        # text, so the kept tokens and the count of cut texts are exactly those of the full text.
+        prefixes = [_prefix(t, budget * 16) for t in batch]
+        ids_batch = tokenizer(prefixes, add_special_tokens=False, truncation=False)["input_ids"]
+        redo = [i for i, (t, p, ids) in enumerate(zip(batch, prefixes, ids_batch)) if p is not t and len(ids) <= budget]
+        if redo:
+            full = tokenizer([batch[i] for i in redo], add_special_tokens=False, truncation=False)["input_ids"]
+            for i, ids in zip(redo, full):
+                ids_batch[i] = ids
         for ids in ids_batch:
             pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
             if len(pieces) > max_chunks:
@@ -70,3 +86,13 @@ def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int
                 pieces = pieces[:max_chunks]
             out.append([np.asarray([cls_id, *p, sep_id], dtype=np.int32) for p in pieces])
     return out, truncated
+
+
+def _prefix(text: str, char_cap: int) -> str:
+    """`text` itself when short, else its first `char_cap` characters cut back to the last whitespace (a
+    word boundary, where the tokenization of the prefix is a prefix of the text's tokenization)."""
+    if len(text) <= char_cap:
+        return text
+    head = text[:char_cap]
+    cut = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return head[:cut] if cut > 0 else text

@@ -20,7 +20,7 @@ import yaml
 from ..artifact import PREPROCESSING, WEIGHTS, build_model, save_artifact
 from ..config import Config
 from ..data.dataset import batch_token_counts, collate, move_batch
-from ..data.pipeline import build_dataset, load_splits
+from ..data.pipeline import build_dataset, load_splits, log_label_map
 from ..data.preprocess import Preprocessor
 from ..data.samplers import epoch_order, micro_batch, steps_per_epoch
 from ..data.tokenize import load_tokenizer
@@ -169,6 +169,7 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
     train_split = splits["train"]
     pre = Preprocessor.fit(train_split.df, dc, cfg.model.encoder, train_split.file)
     train_ds = build_dataset(pre, tokenizer, train_split.df, train_split.file, with_labels=True, name="train")
+    log_label_map(pre, train_ds, train_split.file)
     val_ds = None
     if "val" in splits and len(splits["val"].df):
         val_ds = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val")

@@ -4,6 +4,7 @@ Works under torchrun, accelerate launch, srun, or alone:
 
     python evaluate.py --model-dir runs/womens_clothing/final --split test --output-dir runs/womens_clothing/eval
     torchrun --nproc_per_node 4 evaluate.py --model-dir RUN/final --data new.csv --id-column id --output-dir OUT
+    python evaluate.py --onnx exported/model.onnx --split test --output-dir OUT     # through onnxruntime
 """
 import os
 

@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""Quality on the standard split (data/splits) of the Women's Clothing reviews, reported the way the
+published results are, plus the fusion ablation and a tf-idf + one-hot logistic-regression control.
+
+    python benchmarks/quality.py --run runs/womens_clothing          # score a trained run (RUN/final)
+    python benchmarks/quality.py --train                               # train the default config, then score it
+    python benchmarks/quality.py --ablation --max-steps 400            # every fusion, same budget each
+
+Per model, on the test split (2,349 rows):
+    best_threshold_f1   positive-class F1 at the threshold that maximises it *on the test set* (as published)
+    val_threshold_f1    F1 at the threshold chosen on the val split (what a deployment could do)
+    argmax_f1           F1 of the argmax prediction (threshold 0.5)
+    roc_auc, pr_auc, mcc, accuracy, log_loss
+Scoring goes through evaluate.py (the same code users run), on the val and test splits recorded in the
+run's config.yaml. Writes JSON (default benchmarks/results/quality.json or ablation.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+# Published on the same test split (bert-base-uncased, 110M parameters; shared/data/README.md)
+PUBLISHED = [
+    {"model": "published: bert-base text only", "best_threshold_f1": 0.957, "roc_auc": 0.969, "pr_auc": 0.992},
+    {"model": "published: bert-base best fusion (weighted feature sum)", "best_threshold_f1": 0.962,
+     "roc_auc": 0.977, "pr_auc": 0.994},
+    {"model": "published: bert-base all columns as text", "best_threshold_f1": 0.968, "roc_auc": 0.981,
+     "pr_auc": 0.995},
+]
+
+# ablation arms: fusion + whether tabular columns are also serialised into the text
+SERIAL_ALL = "[Rating, Age, Positive Feedback Count, Division Name, Department Name, Class Name]"
+ARMS = {
+    "text_only": ["model.fusion=text_only", "data.serialize_columns=[]"],
+    "tab_only": ["model.fusion=tab_only", "data.serialize_columns=[]"],
+    "concat": ["model.fusion=concat", "data.serialize_columns=[]"],
+    "gated": ["model.fusion=gated", "data.serialize_columns=[]"],
+    "cross_attn": ["model.fusion=cross_attn", "data.serialize_columns=[]"],
+    "cross_attn_tokens": ["model.fusion=cross_attn_tokens", "data.serialize_columns=[]"],
+    "text_only+all_serialised": ["model.fusion=text_only", f"data.serialize_columns={SERIAL_ALL}"],
+    "text_only+rating_serialised": ["model.fusion=text_only", "data.serialize_columns=[Rating]"],
+    "cross_attn+rating_serialised": ["model.fusion=cross_attn", "data.serialize_columns=[Rating]"],
+    "cross_attn_tokens+rating_serialised": ["model.fusion=cross_attn_tokens", "data.serialize_columns=[Rating]"],
+}
+
+
+def f1_at(labels: np.ndarray, p: np.ndarray, thr: float) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, (p >= thr).astype(int), zero_division=0))
+
+
+def test_metrics(labels_val, p_val, labels_test, p_test) -> dict:
+    """The report row for one model from its val and test probabilities of the positive class."""
+    from sklearn import metrics as M
+
+    from mmbert.evaluation.metrics import best_threshold_f1
+
+    best_f1, best_thr = best_threshold_f1(labels_test, p_test)
+    _, val_thr = best_threshold_f1(labels_val, p_val)
+    return {"best_threshold_f1": best_f1, "best_threshold": best_thr,
+            "val_threshold_f1": f1_at(labels_test, p_test, val_thr), "val_threshold": val_thr,
+            "argmax_f1": f1_at(labels_test, p_test, 0.5),
+            "roc_auc": float(M.roc_auc_score(labels_test, p_test)),
+            "pr_auc": float(M.average_precision_score(labels_test, p_test)),
+            "mcc": float(M.matthews_corrcoef(labels_test, (p_test >= 0.5).astype(int))),
+            "accuracy": float(M.accuracy_score(labels_test, (p_test >= 0.5).astype(int))),
+            "log_loss": float(M.log_loss(labels_test, np.clip(p_test, 1e-7, 1 - 1e-7), labels=[0, 1]))}
+
+
+def score_run(model_dir: str, out: str, nproc: int, plots: bool = False) -> dict:
+    """evaluate.py on the run's val and test splits -> test_metrics."""
+    import pandas as pd
+
+    probs = {}
+    for split in ("val", "test"):
+        d = os.path.join(out, f"eval_{split}")
+        args = ["--model-dir", model_dir, "--split", split, "--output-dir", d, "--no-progress"]
+        if not (plots and split == "test"):
+            args.append("--no-plots")
+        cmd = (common.torchrun_cmd(nproc, "evaluate.py", args) if nproc > 1
+               else [sys.executable, "evaluate.py", *args])
+        r = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+            raise SystemExit(f"evaluate.py failed on {model_dir} --split {split}")
+        classes = json.load(open(os.path.join(d, "metrics.json")))["classes"]
+        if len(classes) != 2:
+            raise SystemExit(f"{model_dir}: quality.py reports binary metrics; the model has classes {classes}")
+        df = pd.read_csv(os.path.join(d, "predictions.tsv"), sep="\t", dtype={"label": str})
+        probs[split] = ((df["label"] == str(classes[1])).to_numpy().astype(int), df["prob"].to_numpy())
+    return test_metrics(*probs["val"], *probs["test"])
+
+
+def train_run(out: str, config: str, sets: list[str], nproc: int, extra: list[str]) -> float:
+    args = ["--config", config, "--output-dir", out, "--overwrite", *extra]
+    for kv in ["train.progress_bar=false", *sets]:
+        args += ["--set", kv]
+    cmd = (common.torchrun_cmd(nproc, "train.py", args) if nproc > 1 else [sys.executable, "train.py", *args])
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
+        raise SystemExit(f"train.py failed: {' '.join(cmd)}")
+    return time.time() - t0
+
+
+def tfidf_control(config: str, seed: int = 0) -> dict:
+    """tf-idf (word 1-2 grams) of the text columns + one-hot categoricals + standardised numerics ->
+    logistic regression, C chosen on val. The same split and columns as the config."""
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from mmbert.config import load_config
+    from mmbert.data.pipeline import load_splits
+
+    dc = load_config(config, []).data
+    splits = load_splits(dc)
+    t0 = time.time()
+
+    def text(df):
+        return df[dc.text_columns].fillna("").astype(str).agg(" . ".join, axis=1).tolist()
+
+    def labels(df):
+        return df[dc.label_column].astype(int).to_numpy()
+
+    tr = splits["train"].df
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
+    onehot = OneHotEncoder(handle_unknown="ignore")
+    scaler = StandardScaler()
+    med = tr[dc.numeric_columns].median()
+
+    def features(df, fit=False):
+        num = df[dc.numeric_columns].astype(float).fillna(med).to_numpy()
+        cat = df[dc.categorical_columns].fillna("<missing>").astype(str).to_numpy()
+        if fit:
+            return sp.hstack([tfidf.fit_transform(text(df)), onehot.fit_transform(cat),
+                              sp.csr_matrix(scaler.fit_transform(num))]).tocsr()
+        return sp.hstack([tfidf.transform(text(df)), onehot.transform(cat),
+                          sp.csr_matrix(scaler.transform(num))]).tocsr()
+
+    Xtr, Xva, Xte = features(tr, fit=True), features(splits["val"].df), features(splits["test"].df)
+    ytr, yva, yte = labels(tr), labels(splits["val"].df), labels(splits["test"].df)
+    best = None
+    for C in (1.0, 4.0, 16.0):
+        clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(Xtr, ytr)
+        from sklearn.metrics import roc_auc_score
+
+        auc = roc_auc_score(yva, clf.predict_proba(Xva)[:, 1])
+        if best is None or auc > best[0]:
+            best = (auc, C, clf)
+    _, C, clf = best
+    row = test_metrics(yva, clf.predict_proba(Xva)[:, 1], yte, clf.predict_proba(Xte)[:, 1])
+    row.update(model=f"tf-idf + one-hot logistic regression (C={C:g} on val)", seconds=round(time.time() - t0, 1))
+    return row
+
+
+COLS = ("best_threshold_f1", "val_threshold_f1", "argmax_f1", "roc_auc", "pr_auc", "mcc")
+
+
+def print_table(rows: list[dict]):
+    w = max(len(r["model"]) for r in rows) + 2
+    print(f"{'model':<{w}}" + "".join(f"{c:>18}" for c in COLS))
+    for r in rows:
+        cells = []
+        for c in COLS:
+            v, sd = r.get(c), r.get(f"{c}_sd")
+            cells.append(f"{'':>18}" if v is None else f"{v:>12.4f}" + (f" ±{sd:.3f}" if sd else " " * 6))
+        print(f"{r['model']:<{w}}" + "".join(cells))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="a finished training output dir (its final/ is scored)")
+    what.add_argument("--train", action="store_true", help="train the config as it is, then score it")
+    what.add_argument("--ablation", action="store_true", help="train and score every arm with the same budget")
+    ap.add_argument("--config", default="configs/womens_clothing.yaml")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
+    ap.add_argument("--max-steps", type=int, help="ablation budget in optimizer steps (default: the config's epochs)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per ablation arm")
+    ap.add_argument("--nproc", type=int, default=1, help="processes for train.py / evaluate.py (torchrun when > 1)")
+    ap.add_argument("--work-dir", default="runs/quality", help="where trained runs and evaluations go")
+    ap.add_argument("--set", action="append", default=[], help="extra train.py --set overrides (every arm)")
+    ap.add_argument("--no-tfidf", action="store_true", help="skip the tf-idf control")
+    ap.add_argument("--out", help="JSON to write (default benchmarks/results/quality.json or ablation.json)")
+    a = ap.parse_args()
+    os.chdir(common.ROOT)
+    rows = []
+    if a.run or a.train:
+        run = a.run
+        if a.train:
+            run = os.path.join(a.work_dir, "default")
+            secs = train_run(run, a.config, a.set, a.nproc, [])
+            print(f"[{common.now()}] trained {run} in {secs:.0f}s", flush=True)
+        row = score_run(os.path.join(run, "final"), run, a.nproc, plots=True)
+        summary = json.load(open(os.path.join(run, "final", "train_summary.json")))
+        row.update(model=f"mmbert {run}", train=summary)
+        rows.append(row)
+    else:
+        extra = ["--max-steps", str(a.max_steps)] if a.max_steps else []
+        # one evaluation per run at the end: the same budget for every arm, no selection on val
+        sets = ["train.eval_every=null", "train.eval_each_epoch=false", "train.select_best=false",
+                "train.early_stopping_patience=null", "train.checkpoint_every=null", *a.set]
+        for arm in a.arms.split(","):
+            if arm not in ARMS:
+                raise SystemExit(f"unknown arm {arm!r} (choose from {', '.join(ARMS)})")
+            per_seed = []
+            for seed in range(1, a.seeds + 1):
+                out = os.path.join(a.work_dir, f"{arm}_s{seed}")
+                secs = train_run(out, a.config, [*ARMS[arm], *sets, f"train.seed={seed}"], a.nproc, extra)
+                m = score_run(os.path.join(out, "final"), out, a.nproc)
+                m["train_seconds"] = round(secs)
+                per_seed.append(m)
+                print(f"[{common.now()}] {arm} seed {seed}: " + " ".join(f"{c}={m[c]:.4f}" for c in COLS)
+                      + f" ({secs:.0f}s)", flush=True)
+            row = {"model": arm, "seeds": a.seeds, "runs": per_seed}
+            for c in (*COLS, "accuracy", "log_loss"):
+                vals = [m[c] for m in per_seed]
+                row[c] = statistics.mean(vals)
+                if len(vals) > 1:
+                    row[f"{c}_sd"] = statistics.stdev(vals)
+            rows.append(row)
+    if not a.no_tfidf:
+        rows.append(tfidf_control(a.config))
+    rows += PUBLISHED
+    print()
+    print_table(rows)
+    out = a.out or os.path.join(common.ROOT, "benchmarks", "results", "ablation.json" if a.ablation else "quality.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

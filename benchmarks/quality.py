@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -95,7 +94,8 @@ def score_run(model_dir: str, out: str, nproc: int, plots: bool = False) -> dict
         if r.returncode != 0:
             sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
             raise SystemExit(f"evaluate.py failed on {model_dir} --split {split}")
-        classes = json.load(open(os.path.join(d, "metrics.json")))["classes"]
+        with open(os.path.join(d, "metrics.json")) as f:
+            classes = json.load(f)["classes"]
         if len(classes) != 2:
             raise SystemExit(f"{model_dir}: quality.py reports binary metrics; the model has classes {classes}")
         df = pd.read_csv(os.path.join(d, "predictions.tsv"), sep="\t", dtype={"label": str})
@@ -122,6 +122,7 @@ def tfidf_control(config: str, seed: int = 0) -> dict:
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     from mmbert.config import load_config
@@ -157,8 +158,6 @@ def tfidf_control(config: str, seed: int = 0) -> dict:
     best = None
     for C in (1.0, 4.0, 16.0):
         clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(Xtr, ytr)
-        from sklearn.metrics import roc_auc_score
-
         auc = roc_auc_score(yva, clf.predict_proba(Xva)[:, 1])
         if best is None or auc > best[0]:
             best = (auc, C, clf)
@@ -207,7 +206,8 @@ def main():
             secs = train_run(run, a.config, a.set, a.nproc, [])
             print(f"[{common.now()}] trained {run} in {secs:.0f}s", flush=True)
         row = score_run(os.path.join(run, "final"), run, a.nproc, plots=True)
-        summary = json.load(open(os.path.join(run, "final", "train_summary.json")))
+        with open(os.path.join(run, "final", "train_summary.json")) as f:
+            summary = json.load(f)
         row.update(model=f"mmbert {run}", train=summary)
         rows.append(row)
     else:

@@ -17,8 +17,13 @@ PACKAGED_MODELS = {
 
 
 def resolve_encoder_path(name: str) -> str:
+    """A local folder as is, a packaged model's folder for its hub id, else the hub id. A name that can only
+    be a folder (absolute, ./ ../, or more than one `/`: a hub id has one at most) must exist: HF would call
+    it a malformed hub id."""
     if os.path.isdir(name):
         return name
+    if os.path.isabs(name) or name.startswith(("./", "../")) or name.count("/") > 1:
+        raise ArtifactError(f"encoder folder not found: {name} (model.encoder / --encoder: a local folder or a hub id)")
     module = PACKAGED_MODELS.get(name)
     if module:
         try:
@@ -31,19 +36,11 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
-def check_local_folder(name: str):
-    """A name that can only be a folder (absolute, ./ ../, or more than one `/`: a hub id has one at most) must
-    exist: HF would call it a malformed hub id."""
-    if (os.path.isabs(name) or name.startswith(("./", "../")) or name.count("/") > 1) and not os.path.isdir(name):
-        raise ArtifactError(f"encoder folder not found: {name} (model.encoder / --encoder: a local folder or a hub id)")
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # no "sequence longer than 512" noise: we chunk ourselves
-    check_local_folder(name_or_path)
     path = resolve_encoder_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -2,9 +2,9 @@
 
 Every rank loads the model directory (safetensors + JSON only) as a plain, replicated model: whatever
 strategy trained it, inference needs no sharding (with --onnx, an onnxruntime session of an exported
-model and the preprocessing shipped beside it take the model's place). Each rank scores its shard of the length-sorted,
-padded order (same number of batches everywhere); the probabilities are all-gathered and the padding
-repeats dropped by row position, so every input row counts exactly once.
+model and the preprocessing shipped beside it take the model's place). Each rank scores its shard of the
+length-sorted, padded order (same number of batches everywhere); the probabilities are all-gathered and the
+padding repeats dropped by row position, so every input row counts exactly once.
 
 Outputs (OUT = --output-dir):
     test_result_rank{r}.tsv   rank r's own rows (no padding repeats), in input order

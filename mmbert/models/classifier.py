@@ -108,7 +108,7 @@ def load_encoder(name: str, pretrained: bool, trust_remote_code: bool = False, c
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    from ..data.tokenize import check_local_folder, resolve_encoder_path
+    from ..data.tokenize import resolve_encoder_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -121,7 +121,6 @@ def load_encoder(name: str, pretrained: bool, trust_remote_code: bool = False, c
             return AutoModel.from_config(cfg, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
         except (ValueError, ImportError):
             return AutoModel.from_config(cfg, trust_remote_code=trust_remote_code)
-    check_local_folder(name)
     path = resolve_encoder_path(name)
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:

@@ -23,13 +23,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def build(config: str, rows: int, max_chunks: int, max_tokens: int, seed: int = 42):
+def build(config: str, rows: int, max_chunks: int, max_tokens: int, seed: int = 42,
+          attention_dropout=None, freeze=False):
     from mmbert.artifact import build_model
     from mmbert.config import load_config
     from mmbert.data.pipeline import build_dataset, load_splits
     from mmbert.data.preprocess import Preprocessor
     from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec, effective_fusion
+    from mmbert.models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
 
     cfg = load_config(config, [("data.max_train_rows", rows), ("data.max_eval_rows", 1),
                                ("data.max_chunks", max_chunks), ("data.max_tokens", max_tokens)])
@@ -47,7 +48,9 @@ def build(config: str, rows: int, max_chunks: int, max_tokens: int, seed: int = 
                      cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
                      encoder=cfg.model.encoder)
     torch.manual_seed(seed)
-    model = build_model(spec, cfg.model.encoder, pretrained=True)
+    model = build_model(spec, cfg.model.encoder, pretrained=True, attention_dropout=attention_dropout)
+    if freeze:
+        freeze_word_embeddings(model)
     return cfg, ds, model, tok.pad_token_id or 0
 
 
@@ -65,6 +68,8 @@ def main():
     ap.add_argument("--no-bucket", action="store_true")
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    ap.add_argument("--freeze-word-embeddings", action="store_true")
+    ap.add_argument("--attention-dropout", type=float, default=None, help="override the encoder's attention dropout")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -74,7 +79,9 @@ def main():
     from mmbert.evaluation.predict import run_model
     from mmbert.training.optim import build_optimizer
 
-    cfg, ds, model, pad_id = build(a.config, a.rows, a.max_chunks, a.max_tokens)
+    cfg, ds, model, pad_id = build(a.config, a.rows, a.max_chunks, a.max_tokens,
+                                 attention_dropout=a.attention_dropout,
+                                 freeze=a.freeze_word_embeddings)
     enc = model.text_encoder.encoder
     print(f"threads={torch.get_num_threads()} interop={torch.get_num_interop_threads()} "
           f"attn_implementation={enc.config._attn_implementation}")

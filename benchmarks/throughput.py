@@ -43,6 +43,9 @@ MODES = {  # name -> extra train.py --set overrides
     "bucketed": ["train.bucket_by_length=true"],
     # + attention dropout 0: SDPA's fused CPU kernel instead of the math fallback (a training-recipe choice)
     "bucketed_attn0": ["train.bucket_by_length=true", "model.attention_dropout=0.0"],
+    # + frozen word embeddings: no gradient, all-reduce or AdamW step for half of the parameters
+    "bucketed_lean": ["train.bucket_by_length=true", "model.attention_dropout=0.0",
+                      "model.freeze_word_embeddings=true"],
 }
 
 

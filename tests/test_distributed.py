@@ -104,6 +104,34 @@ def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
     assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
 
 
+def test_frozen_word_embeddings_stay_fixed_and_fsdp_still_matches_none(config, no_dropout_bert, tmp_path):
+    """model.freeze_word_embeddings under FSDP2 (frozen and trained parameters in one shard group), with a
+    checkpoint and resume in between: the table ends bit-identical to the pretrained one, everything else
+    trains, and 2 FSDP ranks x 8 still agree with 1 process x 16."""
+    # constant lr: the first FSDP run stops at step 2, and a linear decay would end there
+    args = ["train.py", "--config", config, "--set", "model.freeze_word_embeddings=true",
+            "--set", "train.schedule=constant"]
+    r = run_cli(args + ["--strategy", "none", "--max-steps", "3", "--batch-size", "16",
+                        "--output-dir", str(tmp_path / "none")])
+    assert "froze the encoder's word embeddings" in r.stdout + r.stderr
+    fsdp = str(tmp_path / "fsdp")
+    run_cli(args + ["--strategy", "fsdp", "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
+                    "--output-dir", fsdp], nproc=2)
+    run_cli(args + ["--strategy", "fsdp", "--max-steps", "3", "--batch-size", "8", "--resume", "auto",
+                    "--output-dir", fsdp], nproc=2)
+    pre = load_file(os.path.join(no_dropout_bert, "model.safetensors"))
+    key = "text_encoder.encoder.embeddings.word_embeddings.weight"
+    for run in ("none", "fsdp"):
+        w = load_file(tmp_path / run / "final" / "model.safetensors")
+        assert torch.equal(w[key], pre["embeddings.word_embeddings.weight"]), run
+        moved = w["text_encoder.encoder.embeddings.position_embeddings.weight"] - pre["embeddings.position_embeddings.weight"]
+        assert moved.abs().max() > 1e-4, run  # the rest of the embeddings still train
+    ref, got = losses(tmp_path / "none"), losses(fsdp)
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
+
+
 def test_finished_run_is_not_clobbered(config, tmp_path):
     out = str(tmp_path / "run")
     run_cli(["train.py", "--config", config, "--max-steps", "1", "--output-dir", out])

@@ -83,6 +83,22 @@ class MultimodalClassifier(nn.Module):
                     batch.get("categorical"), batch.get("chunk_index"))
 
 
+def freeze_word_embeddings(model: MultimodalClassifier) -> int:
+    """Stops gradients into the encoder's input word embeddings; returns how many parameters that froze.
+
+    Only the word (token) table: position and token-type embeddings and the embedding LayerNorm stay
+    trainable. Fine-tuning moves only the rows of tokens it sees, so the update is small, yet a dense
+    gradient of vocab x hidden is produced, reduced across ranks and stepped through AdamW every step."""
+    if model.text_encoder is None:
+        return 0
+    table = model.text_encoder.encoder.get_input_embeddings()
+    n = 0
+    for p in table.parameters():
+        p.requires_grad_(False)
+        n += p.numel()
+    return n
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 

@@ -31,7 +31,7 @@ from ..distributed.parallel import (all_reduce_max_flag, clip_grad_norm, grad_sy
 from ..errors import ConfigError
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.predict import predict, run_model
-from ..models.classifier import ModelSpec, effective_fusion
+from ..models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("mmbert")
@@ -189,6 +189,9 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
     torch.manual_seed(tc.seed)
     model = build_model(spec, cfg.model.encoder, pretrained=True, trust_remote_code=cfg.model.trust_remote_code,
                         attention_dropout=cfg.model.attention_dropout)
+    if cfg.model.freeze_word_embeddings:
+        frozen = freeze_word_embeddings(model)
+        log.info(f"froze the encoder's word embeddings: {frozen:,} parameters")
     base_model = model
     n_params = sum(p.numel() for p in model.parameters())
     model = parallelize(model, plan, env)

@@ -272,8 +272,11 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output directory {out}: {e.strerror}") from None
-    scorer, pre, tokenizer = scorer_loader(args, env)
+    if not getattr(args, "onnx", None) and not os.path.isdir(args.model_dir):
+        raise ArtifactError(f"model directory not found: {args.model_dir}")
+    # the rows first: a bad data file is reported before seconds go into loading the model
     sel = select_rows(args)
+    scorer, pre, tokenizer = scorer_loader(args, env)
 
     # id column: --id-column must exist; the training config's one is used when the file has it
     if args.id_column:

@@ -27,7 +27,7 @@ def build_data_and_model(cfg, pretrained: bool = True):
     from mmbert.data.pipeline import build_dataset, load_splits
     from mmbert.data.preprocess import Preprocessor
     from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec, effective_fusion
+    from mmbert.models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
 
     dc = cfg.data
     splits = load_splits(dc)
@@ -45,6 +45,8 @@ def build_data_and_model(cfg, pretrained: bool = True):
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, cfg.model.encoder, pretrained=pretrained,
                         trust_remote_code=cfg.model.trust_remote_code, attention_dropout=cfg.model.attention_dropout)
+    if cfg.model.freeze_word_embeddings:
+        freeze_word_embeddings(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     return ds, model, spec, pad_id
 

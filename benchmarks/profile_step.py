@@ -18,40 +18,24 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def build(config: str, rows: int, max_chunks: int, max_tokens: int, seed: int = 42,
-          attention_dropout=None, freeze=False):
-    from mmbert.artifact import build_model
+def build(config: str, rows: int, max_chunks: int, max_tokens: int, attention_dropout=None, freeze=False):
     from mmbert.config import load_config
-    from mmbert.data.pipeline import build_dataset, load_splits
-    from mmbert.data.preprocess import Preprocessor
-    from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
 
-    cfg = load_config(config, [("data.max_train_rows", rows), ("data.max_eval_rows", 1),
-                               ("data.max_chunks", max_chunks), ("data.max_tokens", max_tokens)])
-    dc = cfg.data
-    splits = load_splits(dc)
-    tok = load_tokenizer(cfg.model.encoder)
-    tr = splits["train"]
-    pre = Preprocessor.fit(tr.df, dc, cfg.model.encoder, tr.file)
-    ds = build_dataset(pre, tok, tr.df, tr.file, with_labels=True, name="train")
-    has_tab = bool(dc.numeric_columns or dc.categorical_columns)
-    spec = ModelSpec(fusion=effective_fusion(cfg.model.fusion, has_tab), hidden_dim=cfg.model.hidden_dim,
-                     num_heads=cfg.model.num_heads, dropout=cfg.model.dropout, pooling=cfg.model.pooling,
-                     num_numeric=len(pre.numeric_columns),
-                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
-                     encoder=cfg.model.encoder)
-    torch.manual_seed(seed)
-    model = build_model(spec, cfg.model.encoder, pretrained=True, attention_dropout=attention_dropout)
+    over = [("data.max_train_rows", rows), ("data.max_eval_rows", 1), ("data.max_chunks", max_chunks),
+            ("data.max_tokens", max_tokens)]
+    if attention_dropout is not None:
+        over.append(("model.attention_dropout", attention_dropout))
     if freeze:
-        freeze_word_embeddings(model)
-    return cfg, ds, model, tok.pad_token_id or 0
+        over.append(("model.freeze_word_embeddings", True))
+    cfg = load_config(config, over)
+    ds, model, _, pad_id = common.build_data_and_model(cfg)
+    return cfg, ds, model, pad_id
 
 
 def main():

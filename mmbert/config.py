@@ -41,6 +41,9 @@ class DataConfig:
     label_column: Optional[str] = None
     # auto: one-hot when the column holds lists, else the sorted distinct values of the train split.
     label_type: Literal["auto", "int", "string", "onehot"] = "auto"
+    # The label map, pinned and in order (binary: the second is the positive class). Without it the map is
+    # every distinct train label; with it a train label outside the list stops training, naming the row.
+    labels: Optional[list[int | str]] = None
     id_column: Optional[str] = None
     # Tabular columns also written into the text as "Name: value." (they stay tabular features too).
     serialize_columns: list[str] = field(default_factory=list)
@@ -294,6 +297,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     if not d.label_column:
         raise ConfigError("config key 'data.label_column' is required for training")
+    if d.labels is not None:
+        if len(d.labels) < 2 or len({str(v) for v in d.labels}) != len(d.labels):
+            raise ConfigError(f"config key 'data.labels' must list at least 2 distinct classes, got {d.labels}")
+        if d.label_type == "onehot":
+            raise ConfigError("config key 'data.labels' does not apply to one-hot labels (data.label_type: onehot)")
     if m.fusion != "tab_only" and not d.text_columns:
         raise ConfigError(f"config key 'data.text_columns' is empty but model.fusion is '{m.fusion}' (use tab_only)")
     if m.fusion == "tab_only" and not (d.numeric_columns or d.categorical_columns):

@@ -156,12 +156,43 @@ def test_stray_label_in_the_train_split_is_warned_about_by_row(work, tok):
                        f"distinct train label is a class): check for a stray value"]
 
 
+def test_pinned_label_map_stops_at_a_stray_train_label(work, tiny_bert, tmp_path):
+    """With data.labels the map is fixed up front, so the `7` in the train file is an error naming its row,
+    not a third class."""
+    train = str(work / "label7.csv")
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, None,
+                       data={"split": {"train_file": train, "val_file": str(work / "train.csv")}})
+    r = train_cli(cfg, tmp_path / "run", "--set", "data.labels=[0, 1]")
+    assert_one_line_error(r, train, f"column '{LABEL}'", "row 131", "label 7", "[0, 1] pinned by data.labels")
+
+
+def test_pinned_label_map_keeps_its_order_and_names(work):
+    """The pinned order is the class order (binary: the second is the positive class); string maps work too."""
+    from mmbert.config import DataConfig
+    from mmbert.data.preprocess import Preprocessor
+
+    df = pd.read_csv(work / "train.csv")
+    cfg = DataConfig(text_columns=["Title"], label_column=LABEL, labels=[1, 0])
+    pre = Preprocessor.fit(df, cfg, "tok", "train.csv")
+    assert pre.classes == [1, 0] and pre.labels_pinned
+    labels = df[LABEL].to_numpy()
+    assert (pre.encode_labels(df, "train.csv") == 1 - labels).all()
+    named = df.assign(**{LABEL: np.where(labels == 1, "yes", "no")})
+    cfg = DataConfig(text_columns=["Title"], label_column=LABEL, labels=["no", "yes", "maybe"])
+    pre = Preprocessor.fit(named, cfg, "tok", "named.csv")
+    assert pre.classes == ["no", "yes", "maybe"] and pre.label_type == "string"
+    assert (pre.encode_labels(named, "named.csv") == labels).all()
+
+
 @pytest.mark.parametrize("args,fragments", [
+    (["--set", "data.labels=[1]"], ["'data.labels'", "at least 2 distinct"]),
+    (["--set", "data.labels=[0, 1, 0]"], ["'data.labels'", "at least 2 distinct"]),
     (["--set", "train.bach_size=4"], ["'train.bach_size'"]),  # unknown key
     (["--set", "train.lr=fast"], ["'train.lr'", "fast"]),  # wrong type
     (["--set", "model.fusion=attention"], ["'model.fusion'", "attention"]),  # unknown fusion
     (["--strategy", "horovod"], ["--strategy", "horovod"]),  # unknown strategy
-], ids=["unknown key", "wrong type", "unknown fusion", "unknown strategy"])
+], ids=["one pinned label", "repeated pinned label", "unknown key", "wrong type", "unknown fusion",
+        "unknown strategy"])
 def test_train_bad_config_is_one_line(train_cfg, tmp_path, args, fragments):
     assert_one_line_error(train_cli(train_cfg, tmp_path / "run", *args), *fragments)
 

@@ -100,7 +100,13 @@ def log_label_map(pre: Preprocessor, train_ds: TableDataset, file: str):
     counts = np.bincount(train_ds.enc.labels, minlength=pre.num_classes)
     shown = [f"{c}={n}" for c, n in zip(pre.class_names[:20], counts[:20])]
     more = f", ... ({pre.num_classes} classes)" if pre.num_classes > 20 else ""
-    log.info("label map of '%s' (train rows): %s%s", pre.label_column, ", ".join(shown), more)
+    log.info("label map of '%s'%s (train rows): %s%s", pre.label_column,
+             " (pinned by data.labels)" if pre.labels_pinned else "", ", ".join(shown), more)
+    if pre.labels_pinned:  # every train label is in the map already (encode_labels checked each row)
+        for k in np.flatnonzero(counts == 0):
+            log.warning("%s: column '%s': class %r of data.labels has no train rows", file, pre.label_column,
+                        pre.classes[k])
+        return
     for k in np.flatnonzero(counts == 1):
         row = int(train_ds.enc.rows[train_ds.enc.labels == k][0])
         log.warning("%s: column '%s', row %d: label %r is the only train row of its class (every distinct train "

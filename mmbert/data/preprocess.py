@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from ..errors import ArtifactError, DataError
+from ..errors import ArtifactError, ConfigError, DataError
 
 FORMAT_VERSION = 1
 # Numeric values beyond float32's range are infinite for the model: they count as infinite (-> missing).
@@ -68,6 +68,7 @@ class Preprocessor:
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     label_type: str = "int"
     classes: list[Any] = field(default_factory=list)
+    labels_pinned: bool = False  # classes came from data.labels, not from the train split
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ fit
@@ -91,15 +92,27 @@ class Preprocessor:
         for c in p.categorical_columns:
             values = {_fmt(v) for v in df[c].tolist() if not _is_missing(v)}  # 3.0 -> "3": int columns read as float
             p.vocabularies[c] = sorted(values)
-        p._fit_labels(df, data_cfg.label_type, file)
+        p._fit_labels(df, data_cfg.label_type, file, getattr(data_cfg, "labels", None))
         return p
 
-    def _fit_labels(self, df: pd.DataFrame, label_type: str, file: str):
+    def _fit_labels(self, df: pd.DataFrame, label_type: str, file: str, pinned: Optional[list] = None):
         col = df[self.label_column].tolist()
         for i, v in zip(df.index, col):
             if _is_missing(v):
                 raise DataError(f"{file}: column '{self.label_column}', row {i}: the label is missing")
         first = _as_list(col[0])
+        if pinned:
+            if first is not None:
+                raise ConfigError(f"config key 'data.labels': {file}: column '{self.label_column}' holds one-hot "
+                                  f"vectors, which carry no class names to pin")
+            ints = all(isinstance(v, int) for v in pinned)
+            if label_type == "int" and not ints:
+                raise ConfigError(f"config key 'data.labels': {pinned} are not all integers (data.label_type: int)")
+            # train labels are checked against this map by encode_labels, which names any stray row
+            self.label_type = "int" if ints and label_type != "string" else "string"
+            self.classes = list(pinned) if self.label_type == "int" else [str(v) for v in pinned]
+            self.labels_pinned = True
+            return
         if label_type == "onehot" or (label_type == "auto" and first is not None):
             self.label_type = "onehot"
             self.classes = list(range(len(first or [])))
@@ -248,8 +261,9 @@ class Preprocessor:
             else:
                 key = str(v)
             if key not in index:
+                source = "pinned by data.labels" if self.labels_pinned else "fitted on the train split"
                 raise DataError(f"{file}: column '{self.label_column}', row {i}: label {v!r} is not in the label map "
-                                f"{self.classes} fitted on the train split")
+                                f"{self.classes} {source}")
             out[r] = index[key]
         return out
 

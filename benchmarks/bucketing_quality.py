@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -39,11 +38,7 @@ def run(arm: str, seed: int, a, out: str) -> dict:
     for kv in ["train.log_every=10", "train.eval_each_epoch=false", "train.eval_every=null",
                "train.select_best=false", "train.progress_bar=false", "train.checkpoint_every=null", *ARMS[arm]]:
         args += ["--set", kv]
-    r = subprocess.run(common.torchrun_cmd(a.nproc, args[0], args[1:]), cwd=common.ROOT, capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"{arm} seed {seed}: train.py failed")
+    common.run_checked(common.torchrun_cmd(a.nproc, args[0], args[1:]), f"{arm} seed {seed}: train.py")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f if ln.strip()]
     val = [x for x in recs if x.get("split") == "val"][-1]

@@ -141,5 +141,19 @@ def torchrun_cmd(nproc: int, script: str, args: list[str], port: Optional[int] =
     return cmd + [script, *args]
 
 
+def script_cmd(nproc: int, script: str, args: list[str]) -> list[str]:
+    """torchrun with nproc processes, or the plain interpreter for one."""
+    return torchrun_cmd(nproc, script, args) if nproc > 1 else [sys.executable, script, *args]
+
+
+def run_checked(cmd: list[str], what: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run cmd in the repository root; on failure print the tail of its output and stop with `what failed`."""
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-6000:])
+        raise SystemExit(f"{what} failed ({r.returncode})")
+    return r
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -129,10 +128,7 @@ def run_config(name: str, a) -> list[dict]:
     if a.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-6000:])
-        raise SystemExit(f"{name}: worker failed ({r.returncode})")
+    common.run_checked(cmd, f"{name}: worker", env=env)
     with open(part) as f:
         rows = json.load(f)
     os.remove(part)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -88,12 +87,7 @@ def score_run(model_dir: str, out: str, nproc: int, plots: bool = False) -> dict
         args = ["--model-dir", model_dir, "--split", split, "--output-dir", d, "--no-progress"]
         if not (plots and split == "test"):
             args.append("--no-plots")
-        cmd = (common.torchrun_cmd(nproc, "evaluate.py", args) if nproc > 1
-               else [sys.executable, "evaluate.py", *args])
-        r = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
-            raise SystemExit(f"evaluate.py failed on {model_dir} --split {split}")
+        common.run_checked(common.script_cmd(nproc, "evaluate.py", args), f"evaluate.py on {model_dir} --split {split}")
         with open(os.path.join(d, "metrics.json")) as f:
             classes = json.load(f)["classes"]
         if len(classes) != 2:
@@ -107,12 +101,9 @@ def train_run(out: str, config: str, sets: list[str], nproc: int, extra: list[st
     args = ["--config", config, "--output-dir", out, "--overwrite", *extra]
     for kv in ["train.progress_bar=false", *sets]:
         args += ["--set", kv]
-    cmd = (common.torchrun_cmd(nproc, "train.py", args) if nproc > 1 else [sys.executable, "train.py", *args])
+    cmd = common.script_cmd(nproc, "train.py", args)
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"train.py failed: {' '.join(cmd)}")
+    common.run_checked(cmd, f"train.py ({' '.join(cmd)})")
     return time.time() - t0
 
 

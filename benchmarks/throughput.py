@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -116,12 +115,8 @@ def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
                *MODES[mode], *a.set]:
         args += ["--set", kv]
     t0 = time.time()
-    r = subprocess.run(common.torchrun_cmd(a.nproc, args[0], args[1:]), cwd=common.ROOT, capture_output=True,
-                       text=True)
+    r = common.run_checked(common.torchrun_cmd(a.nproc, args[0], args[1:]), f"{mode}: train.py")
     job_s = time.time() - t0
-    if r.returncode != 0:
-        sys.stderr.write(r.stdout[-3000:] + r.stderr[-5000:])
-        raise SystemExit(f"{mode}: train.py failed ({r.returncode})")
     after = common.measure_matmul(a.nproc, a.threads, a.matmul_seconds)
     m = re.search(r"threads=(\d+)", r.stdout + r.stderr)
     rank_threads = int(m.group(1)) if m else None

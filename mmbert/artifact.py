@@ -79,11 +79,15 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
+def require_model_dir(model_dir: str):
+    if not os.path.isdir(model_dir):
+        raise ArtifactError(f"model directory not found: {model_dir}")
+
+
 def load_artifact(model_dir: str, trust_remote_code: bool = False):
     """Rebuild (model in eval mode, preprocessor, tokenizer) from a model directory. Only JSON and
     safetensors are read: a pickle placed in the directory is never loaded."""
-    if not os.path.isdir(model_dir):
-        raise ArtifactError(f"model directory not found: {model_dir}")
+    require_model_dir(model_dir)
     spec_path = os.path.join(model_dir, SPEC)
     if not os.path.isfile(spec_path):
         raise ArtifactError(f"{model_dir} is not an mmbert model directory: {SPEC} is missing")

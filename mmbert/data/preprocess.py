@@ -92,7 +92,7 @@ class Preprocessor:
         for c in p.categorical_columns:
             values = {_fmt(v) for v in df[c].tolist() if not _is_missing(v)}  # 3.0 -> "3": int columns read as float
             p.vocabularies[c] = sorted(values)
-        p._fit_labels(df, data_cfg.label_type, file, getattr(data_cfg, "labels", None))
+        p._fit_labels(df, data_cfg.label_type, file, data_cfg.labels)
         return p
 
     def _fit_labels(self, df: pd.DataFrame, label_type: str, file: str, pinned: Optional[list] = None):

@@ -272,8 +272,10 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not getattr(args, "onnx", None) and not os.path.isdir(args.model_dir):
-        raise ArtifactError(f"model directory not found: {args.model_dir}")
+    if not getattr(args, "onnx", None):
+        from ..artifact import require_model_dir
+
+        require_model_dir(args.model_dir)  # named before any data error, as load_artifact would
     # the rows first: a bad data file is reported before seconds go into loading the model
     sel = select_rows(args)
     scorer, pre, tokenizer = scorer_loader(args, env)

@@ -1,6 +1,7 @@
 """User-facing errors: one clear line, no traceback (unless --debug)."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -38,6 +39,14 @@ def run_main(main):
             if debug:
                 traceback.print_exc()
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            if debug:
+                traceback.print_exc()
+            print(f"{prefix}error: no space left on device writing {e.filename or 'a file'}", file=sys.stderr,
+                  flush=True)
             sys.exit(2)
         except KeyboardInterrupt:
             print(f"{prefix}interrupted", file=sys.stderr, flush=True)

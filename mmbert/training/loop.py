@@ -1,6 +1,7 @@
 """The training loop: one code path for strategies none / ddp / fsdp, one process or many."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,8 +34,11 @@ from ..evaluation.metrics import compute_metrics
 from ..evaluation.predict import predict, run_model
 from ..models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
 from .optim import build_optimizer, build_scheduler
+from .resume import check_resumable, describe_replan, plan_lr
+from .rundir import OutputLock, claim_output_dir
 
 log = logging.getLogger("mmbert")
+MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_checkpoint_room sizes the real need
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -79,28 +83,49 @@ def requeue_under_slurm():
 
 # ----------------------------------------------------------------------------- output dir
 
-def prepare_output_dir(out: str, cfg: Config, env: DistEnv):
-    final = os.path.join(out, "final")
-    if os.path.isfile(os.path.join(final, WEIGHTS)) and not cfg.train.resume and not cfg.train.overwrite:
-        raise ConfigError(f"output directory {out} holds a finished run ({final}); pass --resume auto to continue it "
-                          f"or --overwrite to replace it")
+def prepare_output_dir(out: str, cfg: Config, env: DistEnv) -> OutputLock:
+    """Collective: a writable directory with room, locked for this run, holding no other run's state."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_rank{env.rank}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise ConfigError(f"output directory {out} is not writable: {e.strerror}") from None
     free = shutil.disk_usage(out).free
-    if free < 256 * 2**20:
+    if free < MIN_FREE:
         raise ConfigError(f"output directory {out} has only {free / 2**20:.0f} MiB free; checkpoints need more")
-    dist.barrier()
-    if cfg.train.overwrite and not cfg.train.resume and env.is_main:
-        for name in ("final", "best", "checkpoints", "metrics.jsonl"):
-            p = os.path.join(out, name)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-    dist.barrier()
+    return claim_output_dir(out, cfg, env.rank, env.device)
+
+
+def check_checkpoint_room(out: str, model):
+    """Before step 1: room for one checkpoint (weights + two AdamW moments, fp32) and one model folder."""
+    need = 4 * 4 * sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(f"output directory {out} has {free / 2**20:.0f} MiB free; a checkpoint and a model of "
+                          f"this size need ~{need / 2**20:.0f} MiB")
+
+
+def check_encoder_fits(cfg: Config):
+    """max_tokens against the encoder's position table, before any data is read (else: a shape error at step 1)."""
+    if cfg.model.fusion == "tab_only":
+        return
+    from transformers import AutoConfig
+
+    from ..data.tokenize import resolve_encoder_path
+
+    try:
+        enc = AutoConfig.from_pretrained(resolve_encoder_path(cfg.model.encoder),
+                                         trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # the tokenizer/encoder loaders name a missing encoder in their own words
+    limit = getattr(enc, "max_position_embeddings", None)
+    if not isinstance(limit, int) or getattr(enc, "position_embedding_type", "absolute") != "absolute":
+        return
+    if enc.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):  # positions start after pad id
+        limit -= (enc.pad_token_id or 0) + 1
+    if cfg.data.max_tokens > limit:
+        raise ConfigError(f"config key 'data.max_tokens' ({cfg.data.max_tokens}) exceeds the {limit} positions of "
+                          f"encoder '{cfg.model.encoder}' (max_position_embeddings); use --max-tokens {limit} or "
+                          f"less (longer texts become up to data.max_chunks chunks)")
 
 
 class MetricsLog:
@@ -123,6 +148,7 @@ class MetricsLog:
 
 @dataclass
 class TrainState:
+    """Everything of the loop that a checkpoint saves and a resume restores, as one object."""
     step: int = 0
     epoch: int = 0
     position: int = 0  # samples of this epoch's global order consumed (world-size independent)
@@ -130,7 +156,13 @@ class TrainState:
     best_step: Optional[int] = None
     evals_since_best: int = 0
     last_eval_step: int = -1
-    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def _metric_key(cfg: Config, metrics: dict) -> float:
@@ -144,13 +176,50 @@ def _metric_key(cfg: Config, metrics: dict) -> float:
     return float("nan") if v is None else float(v)
 
 
+def improves(value: float, best: Optional[float], mode: str) -> bool:
+    """An undefined metric (NaN: e.g. ROC-AUC on a one-class val split) never becomes or beats the best."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def resume_path_for(tc, ckpt_root: str) -> Optional[str]:
+    if tc.resume == "auto":
+        path = ckpt.find_latest(ckpt_root)
+        if path is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting fresh", ckpt_root)
+        return path
+    return tc.resume or None
+
+
+def restore(path: str, model, optimizer, cfg_dict: dict, env: DistEnv, best_dir: str) -> tuple[TrainState, dict]:
+    """Check the checkpoint's config against this run's (before touching weights), then load it."""
+    saved = ckpt.read_train_state(path)
+    applied = check_resumable(saved.get("config"), cfg_dict, path)
+    if applied:
+        log.info("resume: applying changed %s", "; ".join(applied))
+    configured = [{k: g[k] for k in ("lr", "weight_decay")} for g in optimizer.param_groups]
+    ts = ckpt.load_checkpoint(path, model, optimizer, env.rank)
+    for g, conf in zip(optimizer.param_groups, configured):
+        g.update(conf)  # the optimizer state restores the saved lr / decay: this run's config wins
+    if env.is_main and "best" in ts.get("snapshots", []):
+        ckpt.restore_dir(path, "best", best_dir)
+    dist.barrier()
+    return TrainState.from_dict(ts), ts
+
+
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config) -> Optional[str]:
+    check_encoder_fits(cfg)
     env = init_distributed(cfg.dist.timeout_s, cfg.train.num_threads)
+    lock = None
     try:
+        lock = prepare_output_dir(cfg.train.output_dir, cfg, env)
         return _train(cfg, env)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
 
 
@@ -158,7 +227,6 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
     t0 = time.time()
     tc, dc = cfg.train, cfg.data
     out = tc.output_dir
-    prepare_output_dir(out, cfg, env)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
     plan = resolve_plan(cfg.dist, env.device)
@@ -194,6 +262,7 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
         log.info(f"froze the encoder's word embeddings: {frozen:,} parameters")
     base_model = model
     n_params = sum(p.numel() for p in model.parameters())
+    check_checkpoint_room(out, model)
     model = parallelize(model, plan, env)
     torch.manual_seed(tc.seed + 1000 * env.rank)  # per-rank dropout streams
     model.train()
@@ -208,30 +277,26 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
                           f"(batch_size {B} x world size {W} x grad_accum {A} = {G}); lower train.batch_size")
     total_steps = tc.max_steps or tc.epochs * spe
     optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
+    run_cfg = cfg.to_dict()
+    run_cfg["model"]["fusion"] = spec.fusion  # what was built, the key a resume is checked against
 
-    # ---- resume
-    state = TrainState()
+    # ---- resume: the checkpoint's config checked first, then weights, optimizer, loop state, best/
+    state, saved = TrainState(), {}
     ckpt_root = os.path.join(out, "checkpoints")
-    resume_path = None
-    if tc.resume == "auto":
-        resume_path = ckpt.find_latest(ckpt_root)
-        if resume_path is None:
-            log.info("--resume auto: no complete checkpoint in %s, starting fresh", ckpt_root)
-    elif tc.resume:
-        resume_path = tc.resume
+    resume_path = resume_path_for(tc, ckpt_root)
     if resume_path:
-        ts = ckpt.load_checkpoint(resume_path, model, optimizer, env.rank)
-        for k in ("step", "epoch", "position", "best_metric", "best_step", "evals_since_best", "last_eval_step"):
-            if k in ts:
-                setattr(state, k, ts[k])
-        scheduler.load_state_dict(ts["scheduler"])
-        if not ts.get("rng_restored"):
+        state, saved = restore(resume_path, model, optimizer, run_cfg, env, os.path.join(out, "best"))
+        if not saved.get("rng_restored"):
             torch.manual_seed(tc.seed + 1000 * env.rank + 7919 * state.step)
         if state.position + G > n:  # the saved epoch ended (or the new world size's batch doesn't fit)
             state.epoch, state.position = state.epoch + 1, 0
         log.info("resumed from %s at step %d (epoch %d, position %d; saved on %d ranks, now %d)",
-                 resume_path, state.step, state.epoch, state.position, ts.get("world_size"), W)
+                 resume_path, state.step, state.epoch, state.position, saved.get("world_size"), W)
+    lr_plan = plan_lr(tc, total_steps, saved.get("lr_plan"), saved.get("config"))
+    scheduler = build_scheduler(optimizer, lr_plan, state.step)
+    replan = describe_replan(saved.get("lr_plan"), lr_plan, state.step, scheduler.get_last_lr()[0])
+    if replan:
+        log.info(replan)
     mlog = MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main, state.step if resume_path else None)
     if env.is_main:
         resolved = cfg.to_dict()
@@ -267,10 +332,10 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
                   **{k: v for k, v in metrics.items() if k != "classes"}}
         mlog.write(record)
         value = _metric_key(cfg, metrics)
-        better = state.best_metric is None or (
-            value > state.best_metric if tc.metric_mode == "max" else value < state.best_metric)
-        if math.isnan(value):
-            better = state.best_metric is None
+        better = improves(value, state.best_metric, tc.metric_mode)
+        if not math.isfinite(value):
+            log.warning("eval step %d: val %s is undefined (%s; e.g. one class in the val split): not used for "
+                        "best-model selection or early stopping", state.step, tc.metric, value)
         log.info("eval step %d: %s", state.step, " ".join(
             f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc")
             if isinstance(metrics.get(k), float)))
@@ -281,18 +346,16 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
                 if env.is_main:
                     save_artifact(os.path.join(out, "best"), sd, spec, base_model, pre, tokenizer, cfg.to_dict())
                 dist.barrier()
-        else:
+        elif math.isfinite(value):
             state.evals_since_best += 1
             if tc.early_stopping_patience and state.evals_since_best >= tc.early_stopping_patience:
                 stop_reason = f"early stopping: no {tc.metric} improvement in {state.evals_since_best} evaluations"
 
     def save(step_state: TrainState):
         ckpt.save_checkpoint(ckpt_root, step_state.step, model, optimizer,
-                             {"step": step_state.step, "epoch": step_state.epoch, "position": step_state.position,
-                              "scheduler": scheduler.state_dict(), "best_metric": step_state.best_metric,
-                              "best_step": step_state.best_step, "evals_since_best": step_state.evals_since_best,
-                              "last_eval_step": step_state.last_eval_step},
-                             tc.keep_checkpoints, env.rank)
+                             {**step_state.to_dict(), "lr_plan": lr_plan.to_dict(), "config": run_cfg,
+                              "snapshots": ["best"]},
+                             tc.keep_checkpoints, env.rank, with_dirs={"best": os.path.join(out, "best")})
 
     is_cuda = env.device.type == "cuda"
     pad_to = (dc.max_chunks, dc.max_tokens) if dc.pad_to_max else None
@@ -374,6 +437,8 @@ def _train(cfg: Config, env: DistEnv) -> Optional[str]:
     final = os.path.join(out, "final")
     best = os.path.join(out, "best")
     use_best = tc.select_best and state.best_step is not None and os.path.isfile(os.path.join(best, WEIGHTS))
+    if tc.select_best and val_ds is not None and state.best_step is None:
+        log.warning("no evaluation gave a defined val %s: final/ holds the last step's weights", tc.metric)
     sd = None if use_best else ckpt.full_state_dict(model)
     if env.is_main:
         if use_best:

@@ -44,7 +44,12 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def build_scheduler(optimizer, tcfg, total_steps: int):
-    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * total_steps)
+def build_scheduler(optimizer, plan, step: int = 0):
+    """LambdaLR positioned before optimizer step `step` (0-based), from each group's configured lr.
+
+    The schedule is a pure function of the step and the plan (warmup, total, kind), so a resumed run
+    rebuilds it instead of loading a scheduler state that would carry the old total and base lrs."""
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]  # LambdaLR takes its base lrs from here when starting past step 0
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, tcfg.schedule))
+        optimizer, lambda s: lr_factor(s, plan.warmup, plan.total, plan.schedule), last_epoch=step - 1)

@@ -10,7 +10,9 @@ The exported graph maps the collated tensors straight to class probabilities (so
     -> probabilities float32 batch x num_classes
 
 Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
-preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, inputs, verification).
+preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, inputs, verification, int8
+settings and drift). It holds one export: export.py writes into a new or empty folder, or replaces an earlier
+export (recognised by its manifest) whole; any other non-empty folder is refused.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -337,33 +339,76 @@ def _rows_per_second(session, batch: dict, seconds: float = 1.5) -> float:
             return n * len(batch["numeric"]) / el
 
 
+# ------------------------------------------------------------------------------------------------ int8
+# Dynamic int8: activations are quantized to uint8 at run time (DynamicQuantizeLinear), weights ahead of time to
+# int8 per output channel with 7 bits (reduce_range). The 7 bits make the int8 model right on every x86 CPU:
+# without VNNI (AVX2, AVX-512 before VNNI) onnxruntime's u8 x s8 kernel multiplies with vpmaddubsw, which adds two
+# adjacent u8*s8 products into a saturating int16. With |w| <= 64 a pair stays within 2*255*64 = 32640 <= 32767,
+# so every kernel (VNNI's int32 dot products too) computes the same exact integer sums; with 8-bit weights a pair
+# reaches 2*255*127 = 64770 and clips on those CPUs only (probabilities off by up to 0.9 there, fine elsewhere).
+INT8_SETTINGS = {"method": "onnxruntime.quantization.quantize_dynamic", "activations": "uint8, dynamic per tensor",
+                 "weight_type": "QInt8", "per_channel": True, "reduce_range": True}
+# max |p_int8 - p_fp32| over the verification rows: int8 costs ~0.03 on the shipped and tiny test models, a
+# saturating kernel 0.5-0.9; a model beyond this is refused rather than shipped with silently different scores
+INT8_TOLERANCE = 0.1
+
+
 def quantize_int8(src: str, dst: str):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers(True):
         warnings.simplefilter("ignore")
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(src, dst, weight_type=getattr(QuantType, INT8_SETTINGS["weight_type"]),
+                         per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"])
 
 
-# ------------------------------------------------------------------------------------- main entry
-def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, opset: Optional[int] = None,
-                exporter: str = "auto", data: Optional[str] = None, atol: float = 1e-4, rows: int = 48,
-                debug: bool = False, say: Optional[Callable[[str], None]] = None) -> dict:
-    """Export `model_dir` (a consolidated RUN/final) to `output`, verify it with onnxruntime against
-    PyTorch on real rows of several shapes, optionally add an int8 copy, and make the folder self-contained.
-    Raises ArtifactError (nothing is left at `output`) when export or verification fails."""
+def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Callable[[str], None]) -> dict:
+    """Quantize fp32_path to int8_path(fp32_path) and measure it against onnxruntime fp32 on the verification
+    batches. Raises ArtifactError when the drift exceeds `tolerance` (the caller's staging folder goes with it)."""
     import onnx
-    import torch
 
-    from ..artifact import PREPROCESSING, SPEC, load_artifact
+    q_path = int8_path(fp32_path)
+    quantize_int8(fp32_path, q_path)
+    try:
+        onnx.checker.check_model(q_path)
+    except Exception as e:
+        raise ArtifactError(f"the int8 model does not pass onnx.checker: {_first_line(e)}") from None
+    fp32, q = _session(fp32_path), _session(q_path)
+    drifts, agree = [], 0
+    for b in batches:
+        p32 = fp32.run([OUTPUT], _feeds(fp32, b))[0]
+        p8 = q.run([OUTPUT], _feeds(q, b))[0]
+        if not np.isfinite(p8).all():
+            raise ArtifactError("the int8 model gives non-finite probabilities")
+        drifts.append(np.abs(p8 - p32).max(axis=1))
+        agree += int((p8.argmax(1) == p32.argmax(1)).sum())
+    drift = np.concatenate(drifts)
+    if not drift.max() <= tolerance:
+        raise ArtifactError(f"the int8 model's probabilities drift from fp32 by max |dp| {drift.max():.3g} > int8 "
+                            f"tolerance {tolerance:g} over {len(drift)} predictions on the verification rows: "
+                            f"nothing written (export without --quantize, or raise --int8-tolerance to accept it)")
+    speed_batch = batches[3]
+    rps32, rps8 = _rows_per_second(fp32, speed_batch), _rows_per_second(q, speed_batch)
+    i8 = {"file": os.path.basename(q_path), "quantization": dict(INT8_SETTINGS), "tolerance": tolerance,
+          "max_abs_drift_vs_fp32": float(drift.max()), "mean_abs_drift_vs_fp32": float(drift.mean()),
+          "argmax_agreement": agree / len(drift), "predictions": len(drift),
+          "speed_batch": len(speed_batch["numeric"]), "rows_per_s_fp32": round(rps32, 1),
+          "rows_per_s_int8": round(rps8, 1), "size_mb_fp32": round(os.path.getsize(fp32_path) / 2**20, 1),
+          "size_mb_int8": round(os.path.getsize(q_path) / 2**20, 1)}
+    say(f"int8: max |dp| vs fp32 {i8['max_abs_drift_vs_fp32']:.2e} (mean {i8['mean_abs_drift_vs_fp32']:.2e}, "
+        f"tolerance {tolerance:g}), same class on {agree}/{len(drift)} predictions; {rps32:.0f} -> {rps8:.0f} rows/s "
+        f"at batch {i8['speed_batch']}; {i8['size_mb_fp32']} -> {i8['size_mb_int8']} MB")
+    return i8
 
-    if say is None:
-        def say(msg: str):
-            print(msg, flush=True)
-    if exporter not in EXPORTERS:
-        raise ArtifactError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
-    if quantize not in (None, "int8"):
-        raise ArtifactError(f"unknown quantization '{quantize}' (only int8 is supported)")
+
+# ------------------------------------------------------------------------------------- the output folder
+# what an export writes beside its ONNX file(s); the manifest's "files" lists those
+COMPANIONS = ("preprocessing.json", "model_spec.json", "config.yaml", "tokenizer", MANIFEST)
+STAGING_PREFIX = ".export-"
+
+
+def _resolve_output(model_dir: str, output: str) -> tuple[str, str]:
+    """(the .onnx path, its folder) for --output, a file or a folder."""
     if os.path.isdir(output) or output.endswith(os.sep) or not os.path.splitext(output)[1]:
         output = os.path.join(output, "model.onnx")
     if not output.endswith(".onnx"):
@@ -371,139 +416,171 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.abspath(out_dir) == os.path.abspath(model_dir):
         raise ArtifactError("--output must not be inside the model directory: export to a new folder")
+    return output, out_dir
+
+
+def _previous_export(out_dir: str) -> set[str]:
+    """The names in out_dir that an earlier export wrote (this export replaces them); empty for a new or empty
+    folder. Any other non-empty folder is refused: exporting into it would overwrite files of the same names
+    (a user's config.yaml, model_spec.json, tokenizer/) with nothing to tell them apart from ours."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ArtifactError(f"--output folder {out_dir} is a file")
+    held = sorted(n for n in os.listdir(out_dir) if not n.startswith(STAGING_PREFIX)) \
+        if os.path.isdir(out_dir) else []  # staging folders of an interrupted export are ours
+    if not held:
+        return set()
+    manifest = None
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(out_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("exports"), dict):
+        shown = [n + "/" if os.path.isdir(os.path.join(out_dir, n)) else n for n in held]
+        more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        raise ArtifactError(f"--output folder {out_dir} is not empty and is not an earlier export (no readable "
+                            f"{MANIFEST}): it holds {', '.join(shown[:8])}{more}; export to a new or empty folder")
+    ours = [*COMPANIONS, *(f for f in manifest.get("files", {}) if f == os.path.basename(f))]
+    return {n for n in ours if n in held}
+
+
+def _stage_companions(model_dir: str, tokenizer, staged: str):
+    """What serving needs beside the ONNX file: preprocessing, spec, the training config (data columns and
+    splits, read by evaluate.py --onnx) when the run has one, and the tokenizer."""
+    from ..artifact import PREPROCESSING, SPEC
+
+    for name in (PREPROCESSING, SPEC, "config.yaml"):
+        if name != "config.yaml" or os.path.isfile(os.path.join(model_dir, name)):
+            shutil.copyfile(os.path.join(model_dir, name), os.path.join(staged, name))
+    if tokenizer is not None:
+        if os.path.isdir(os.path.join(model_dir, "tokenizer")):
+            shutil.copytree(os.path.join(model_dir, "tokenizer"), os.path.join(staged, "tokenizer"))
+        else:
+            tokenizer.save_pretrained(os.path.join(staged, "tokenizer"))
+
+
+def _install(staged: str, out_dir: str, previous: set[str], say: Callable[[str], None]):
+    """Move the staged export into out_dir. What the earlier export wrote and this one does not (its int8 copy,
+    config.yaml, a model of another name) is removed so that nothing stale is mixed with the new export; the
+    manifest moves last, so an interrupted install still leaves a folder recognised as an export."""
+    new = sorted(os.listdir(staged), key=lambda n: n == MANIFEST)
+    stale = sorted(previous - set(new))
+    for name in stale + [n for n in new if os.path.isdir(os.path.join(out_dir, n))]:  # os.replace can't overwrite a dir
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    for name in new:
+        os.replace(os.path.join(staged, name), os.path.join(out_dir, name))
+    if previous:
+        say(f"replaced the earlier export in {out_dir}" + (f" (removed {', '.join(stale)})" if stale else ""))
+
+
+# ------------------------------------------------------------------------------------- main entry
+def _try_export(model, names: list[str], example: dict, batches: list[dict], path: str, how: str,
+                opset: Optional[int], atol: float, debug: bool) -> tuple[Optional[dict], str]:
+    """Export with one exporter and verify: (report, "") or (None, why it failed)."""
+    import onnx
+
+    t0 = time.perf_counter()
+    for f in os.listdir(os.path.dirname(path)):  # what an earlier exporter left
+        os.remove(os.path.join(os.path.dirname(path), f))
+    try:
+        _export_once(_wrapper(model, names), example, names, path, how, opset, debug)
+    except Exception as e:  # exporter internals raise anything; report it in one line
+        if debug:
+            log.exception("%s export failed", how)
+        return None, f"{how} export failed: {_first_line(e)}"
+    seconds = time.perf_counter() - t0
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as e:
+        return None, f"{how}: onnx.checker rejected the model: {_first_line(e)}"
+    session = _session(path)
+    got_names = [i.name for i in session.get_inputs()]
+    if got_names != names:
+        return None, f"{how}: graph inputs {got_names}, expected {names}"
+    try:
+        checks = compare(session, model, batches)
+    except ArtifactError as e:
+        return None, f"{how}: {e}"
+    worst = max(c["max_abs_diff"] for c in checks)
+    if not worst <= atol:
+        return None, (f"{how}: onnxruntime probabilities differ from PyTorch by {worst:.3g} > {atol:g} "
+                      f"(shapes {[c['shape'] for c in checks]})")
+    opset_used = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx")), None)
+    return {"exporter": how, "opset": opset_used, "export_seconds": round(seconds, 1), "inputs": names,
+            "output": OUTPUT, "tolerance": atol, "max_abs_diff": worst, "checks": checks}, ""
+
+
+def _export_verified(model, names: list[str], batches: list[dict], path: str, exporter: str, opset: Optional[int],
+                     atol: float, debug: bool, say: Callable[[str], None]) -> dict:
+    """The first exporter (dynamo, then TorchScript for auto) whose model verifies; ArtifactError if none does."""
+    example = _example_inputs(model.spec, batches[3], names)
+    failures = []
+    for how in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
+        report, failure = _try_export(model, names, example, batches, path, how, opset, atol, debug)
+        if report is not None:
+            break
+        failures.append(failure)
+    else:
+        raise ArtifactError("ONNX export failed verification: " + "; ".join(failures))
+    for f in failures:
+        say(f"note: {f}")
+    checks = report["checks"]
+    say(f"{how} exporter, opset {report['opset']}: onnx.checker ok; onnxruntime vs PyTorch max |dp| "
+        f"= {report['max_abs_diff']:.2e} over {len(checks)} shapes {[tuple(c['shape']) for c in checks]} "
+        f"(tolerance {atol:g})")
+    return report
+
+
+def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, opset: Optional[int] = None,
+                exporter: str = "auto", data: Optional[str] = None, atol: float = 1e-4, rows: int = 48,
+                debug: bool = False, say: Optional[Callable[[str], None]] = None,
+                int8_tolerance: float = INT8_TOLERANCE) -> dict:
+    """Export `model_dir` (a consolidated RUN/final) to `output`, verify it with onnxruntime against
+    PyTorch on real rows of several shapes, optionally add an int8 copy (refused when its probabilities drift
+    from fp32 by more than int8_tolerance), and make the folder self-contained. The folder must be new, empty or
+    an earlier export, which is replaced whole. Raises ArtifactError (nothing written) when export or
+    verification fails."""
+    import torch
+
+    from ..artifact import load_artifact
+
+    say = say or (lambda msg: print(msg, flush=True))
+    if exporter not in EXPORTERS:
+        raise ArtifactError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    if quantize not in (None, "int8"):
+        raise ArtifactError(f"unknown quantization '{quantize}' (only int8 is supported)")
+    output, out_dir = _resolve_output(model_dir, output)
+    previous = _previous_export(out_dir)  # before the slow part: a wrong folder fails at once
 
     model, pre, tokenizer = load_artifact(model_dir)
     model = model.float().eval()
-    spec = model.spec
-    names = input_names_for(spec)
-    batches, rows_desc = verification_batches(model_dir, spec, pre, tokenizer, data, rows)
-    example = _example_inputs(spec, batches[3], names)
-    say(f"exporting {model_dir} (fusion {spec.fusion}, inputs {', '.join(names)}); verifying on {rows_desc}")
+    names = input_names_for(model.spec)
+    batches, rows_desc = verification_batches(model_dir, model.spec, pre, tokenizer, data, rows)
+    say(f"exporting {model_dir} (fusion {model.spec.fusion}, inputs {', '.join(names)}); verifying on {rows_desc}")
 
     os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    staged = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     try:
-        tmp_path = os.path.join(tmp, os.path.basename(output))
-        tries = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
-        failures = []
-        report: Optional[dict] = None
-        for how in tries:
-            t0 = time.perf_counter()
-            for f in os.listdir(tmp):
-                os.remove(os.path.join(tmp, f))
-            try:
-                _export_once(_wrapper(model, names), example, names, tmp_path, how, opset, debug)
-            except Exception as e:  # exporter internals raise anything; report it in one line
-                if debug:
-                    log.exception("%s export failed", how)
-                failures.append(f"{how} export failed: {_first_line(e)}")
-                continue
-            seconds = time.perf_counter() - t0
-            try:
-                onnx.checker.check_model(tmp_path, full_check=True)
-            except Exception as e:
-                failures.append(f"{how}: onnx.checker rejected the model: {_first_line(e)}")
-                continue
-            session = _session(tmp_path)
-            got_names = [i.name for i in session.get_inputs()]
-            if got_names != names:
-                failures.append(f"{how}: graph inputs {got_names}, expected {names}")
-                continue
-            try:
-                checks = compare(session, model, batches)
-            except ArtifactError as e:
-                failures.append(f"{how}: {e}")
-                continue
-            worst = max(c["max_abs_diff"] for c in checks)
-            if not worst <= atol:
-                failures.append(f"{how}: onnxruntime probabilities differ from PyTorch by {worst:.3g} > {atol:g} "
-                                f"(shapes {[c['shape'] for c in checks]})")
-                continue
-            opset_used = next((o.version for o in onnx.load(tmp_path, load_external_data=False).opset_import
-                               if o.domain in ("", "ai.onnx")), None)
-            report = {"exporter": how, "opset": opset_used, "export_seconds": round(seconds, 1), "inputs": names,
-                      "output": OUTPUT, "fusion": spec.fusion, "classes": [str(c) for c in pre.class_names],
-                      "verified_on": rows_desc, "tolerance": atol, "max_abs_diff": worst, "checks": checks,
-                      "torch": torch.__version__}
-            break
-        if report is None:
-            raise ArtifactError("ONNX export failed verification: " + "; ".join(failures))
-        for f in failures:
-            say(f"note: {f}")
-        say(f"{report['exporter']} exporter, opset {report['opset']}: onnx.checker ok; onnxruntime vs PyTorch max |dp| "
-            f"= {worst:.2e} over {len(checks)} shapes {[tuple(c['shape']) for c in checks]} (tolerance {atol:g})")
-
-        files = {}
+        # the whole export is built in `staged` and only moved into place once everything passed
+        fp32_path = os.path.join(staged, os.path.basename(output))
+        report = _export_verified(model, names, batches, fp32_path, exporter, opset, atol, debug, say)
+        report.update(fusion=model.spec.fusion, classes=[str(c) for c in pre.class_names], verified_on=rows_desc,
+                      torch=torch.__version__)
         if quantize == "int8":
-            q_tmp = int8_path(tmp_path)
-            quantize_int8(tmp_path, q_tmp)
-            try:
-                onnx.checker.check_model(q_tmp)
-            except Exception as e:
-                raise ArtifactError(f"the int8 model does not pass onnx.checker: {_first_line(e)}") from None
-            fp32, q = _session(tmp_path), _session(q_tmp)
-            drifts, agree, total = [], 0, 0
-            for b in batches:
-                p32 = fp32.run([OUTPUT], _feeds(fp32, b))[0]
-                p8 = q.run([OUTPUT], _feeds(q, b))[0]
-                if not np.isfinite(p8).all():
-                    raise ArtifactError("the int8 model gives non-finite probabilities")
-                drifts.append(np.abs(p8 - p32).max(axis=1))
-                agree += int((p8.argmax(1) == p32.argmax(1)).sum())
-                total += len(p8)
-            drift = np.concatenate(drifts)
-            speed_batch = batches[3]
-            rps32, rps8 = _rows_per_second(fp32, speed_batch), _rows_per_second(q, speed_batch)
-            report["int8"] = {"file": os.path.basename(int8_path(output)), "max_abs_drift_vs_fp32": float(drift.max()),
-                              "mean_abs_drift_vs_fp32": float(drift.mean()), "argmax_agreement": agree / total,
-                              "predictions": total, "speed_batch": int(len(speed_batch["numeric"])),
-                              "rows_per_s_fp32": round(rps32, 1), "rows_per_s_int8": round(rps8, 1),
-                              "size_mb_fp32": round(os.path.getsize(tmp_path) / 2**20, 1),
-                              "size_mb_int8": round(os.path.getsize(q_tmp) / 2**20, 1)}
-            i8 = report["int8"]
-            say(f"int8: max |dp| vs fp32 {i8['max_abs_drift_vs_fp32']:.2e} (mean {i8['mean_abs_drift_vs_fp32']:.2e}), "
-                f"same class on {agree}/{total} predictions; {rps32:.0f} -> {rps8:.0f} rows/s at batch "
-                f"{i8['speed_batch']}; {i8['size_mb_fp32']} -> {i8['size_mb_int8']} MB")
-
-        # move into place: the ONNX file(s) only after verification passed
-        for f in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+            report["int8"] = _int8_copy(fp32_path, batches, int8_tolerance, say)
+        # the ONNX files and any external-data files beside them: a later export must know to remove them all
+        files = {f: {"sha256": _sha256(os.path.join(staged, f))} for f in sorted(os.listdir(staged))}
+        for f, entry in files.items():
             if f.endswith(".onnx"):
-                files[f] = {"sha256": _sha256(os.path.join(out_dir, f)), "precision": "int8" if f.endswith(".int8.onnx")
-                            else "fp32"}
+                entry["precision"] = "int8" if f.endswith(".int8.onnx") else "fp32"
+        _stage_companions(model_dir, tokenizer, staged)
+        with open(os.path.join(staged, MANIFEST), "w") as f:
+            json.dump({"files": files, "exports": {os.path.basename(output): report}}, f, indent=1)
+        _install(staged, out_dir, previous, say)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    # self-contained folder: preprocessing, spec, tokenizer, manifest
-    shutil.copyfile(os.path.join(model_dir, PREPROCESSING), os.path.join(out_dir, PREPROCESSING))
-    shutil.copyfile(os.path.join(model_dir, SPEC), os.path.join(out_dir, SPEC))
-    if os.path.isfile(os.path.join(model_dir, "config.yaml")):  # the training config: data columns and splits
-        shutil.copyfile(os.path.join(model_dir, "config.yaml"), os.path.join(out_dir, "config.yaml"))
-    if tokenizer is not None:
-        tok_out = os.path.join(out_dir, "tokenizer")
-        shutil.rmtree(tok_out, ignore_errors=True)
-        if os.path.isdir(os.path.join(model_dir, "tokenizer")):
-            shutil.copytree(os.path.join(model_dir, "tokenizer"), tok_out)
-        else:
-            tokenizer.save_pretrained(tok_out)
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    manifest: dict[str, Any] = {}
-    if os.path.isfile(manifest_path):
-        try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
-    stale = int8_path(output)
-    if quantize is None and os.path.isfile(stale):  # an int8 copy of an earlier export no longer matches
-        os.remove(stale)
-        say(f"removed {stale}: it was quantized from an earlier export")
-    manifest.setdefault("files", {}).pop(os.path.basename(stale), None)
-    manifest["files"].update(files)
-    manifest["exports"] = {**manifest.get("exports", {}), os.path.basename(output): report}
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
+        shutil.rmtree(staged, ignore_errors=True)
     report["files"] = sorted(files)
     report["folder"] = out_dir
     return report

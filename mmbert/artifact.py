@@ -17,9 +17,11 @@ from typing import Optional
 import torch
 
 from .data.preprocess import Preprocessor
+from .config import FUSIONS
 from .errors import ArtifactError
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
 
+POOLINGS = ("pooler", "cls", "mean")  # the choices of config.ModelConfig.pooling
 WEIGHTS = "model.safetensors"
 SPEC = "model_spec.json"
 PREPROCESSING = "preprocessing.json"
@@ -79,33 +81,190 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
+def read_weights_header(path: str) -> dict[str, tuple[list[int], str]]:
+    """name -> (shape, dtype) from the safetensors header only: nothing is allocated. safetensors checks
+    that the header's offsets fit the file, so these shapes are bounded by the file's real size."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise ArtifactError(f"model weights not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
 def require_model_dir(model_dir: str):
     if not os.path.isdir(model_dir):
         raise ArtifactError(f"model directory not found: {model_dir}")
 
 
-def load_artifact(model_dir: str, trust_remote_code: bool = False):
-    """Rebuild (model in eval mode, preprocessor, tokenizer) from a model directory. Only JSON and
-    safetensors are read: a pickle placed in the directory is never loaded."""
-    require_model_dir(model_dir)
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+# model_spec.json field -> (check, what it must be)
+SPEC_FIELDS = {
+    "fusion": (lambda v: v in FUSIONS, f"one of {', '.join(FUSIONS)}"),
+    "hidden_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "num_heads": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "pooling": (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+    "num_numeric": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "cardinalities": (lambda v: isinstance(v, list) and all(_is_int(n, 0) for n in v), "a list of integers >= 0"),
+    "cat_embedding_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "num_classes": (lambda v: _is_int(v, 2), "an integer >= 2"),
+    "encoder": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_spec(model_dir: str) -> ModelSpec:
+    """model_spec.json with every field's type and range checked (one error naming the field)."""
     spec_path = os.path.join(model_dir, SPEC)
     if not os.path.isfile(spec_path):
         raise ArtifactError(f"{model_dir} is not an mmbert model directory: {SPEC} is missing")
     try:
-        with open(spec_path) as f:
-            spec = ModelSpec(**json.load(f))
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        with open(spec_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{spec_path} is corrupted: {e}") from None
+    if not isinstance(raw, dict) or sorted(raw) != sorted(SPEC_FIELDS):
+        raise ArtifactError(f"{spec_path} is corrupted: expected the fields {', '.join(SPEC_FIELDS)}")
+    for name, (ok, want) in SPEC_FIELDS.items():
+        if not ok(raw[name]):
+            raise ArtifactError(f"{spec_path}: field '{name}' must be {want}, got {raw[name]!r:.80}")
+    if raw["hidden_dim"] % raw["num_heads"]:
+        raise ArtifactError(f"{spec_path}: field 'num_heads' ({raw['num_heads']}) must divide hidden_dim "
+                            f"({raw['hidden_dim']})")
+    return ModelSpec(**raw)
+
+
+def check_spec_against_preprocessing(spec: ModelSpec, pre: Preprocessor, model_dir: str):
+    implied = {"num_numeric": len(pre.numeric_columns), "num_classes": pre.num_classes,
+               "cardinalities": [len(pre.vocabularies[c]) for c in pre.categorical_columns]}
+    for name, value in implied.items():
+        if getattr(spec, name) != value:
+            raise ArtifactError(f"{os.path.join(model_dir, SPEC)}: field '{name}' is {getattr(spec, name)!r:.80} but "
+                                f"{PREPROCESSING} implies {value!r:.80}")
+
+
+def _check_encoder_config(model_dir: str, n_tensors: int):
+    """Counts that drive how many modules get built must be bounded before building, even on the meta
+    device: each layer holds >= 1 tensor of model.safetensors."""
+    path = os.path.join(model_dir, "encoder", "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return  # load_encoder reports a missing or unreadable config
+    for key in LAYER_KEYS:
+        v = raw.get(key) if isinstance(raw, dict) else None
+        if v is not None and not (_is_int(v, 0) and v <= n_tensors):
+            raise ArtifactError(f"{path}: field '{key}' must be an integer <= the {n_tensors} tensors of {WEIGHTS}, "
+                                f"got {v!r:.80}")
+
+
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
+
+
+def _meta_model(spec: ModelSpec, model_dir: str, trust_remote_code: bool) -> MultimodalClassifier:
+    """The model the spec and encoder config describe, on the meta device: shapes, no memory."""
+    enc_dir = os.path.join(model_dir, "encoder")
+    with torch.device("meta"):
+        encoder = None
+        if spec.fusion != "tab_only":
+            try:
+                encoder = load_encoder(spec.encoder, False, trust_remote_code, enc_dir)
+            except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+                raise ArtifactError(f"{enc_dir}/config.json does not describe an encoder: "
+                                    f"{str(e).splitlines()[0]}") from None
+        try:
+            return MultimodalClassifier(spec, encoder)
+        except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+            raise ArtifactError(f"{os.path.join(model_dir, SPEC)} does not describe a model: {e}") from None
+
+
+def _blame(key: str, expected: list[int], actual: list[int], spec: ModelSpec, model: MultimodalClassifier) -> str:
+    """The file (and the fields with a dimension the weights do not have) behind a shape mismatch."""
+    if key.startswith("text_encoder.encoder.") and model.text_encoder is not None:
+        source, fields = "encoder/config.json", model.text_encoder.encoder.config.to_dict()
+    else:
+        source, fields = SPEC, spec.to_dict()
+    suspects = [k for k, v in fields.items() if _is_int(v, 0) and v in expected and v not in actual]
+    return source + (f" (field {', '.join(repr(k) for k in suspects)})" if suspects else "")
+
+
+def check_weights_match(model: MultimodalClassifier, spec: ModelSpec, header: dict, model_dir: str):
+    """Compare the meta model's tensors with the safetensors header: names, shapes, floating dtypes."""
+    weights = os.path.join(model_dir, WEIGHTS)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(f"{weights} does not match {SPEC}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, t in expected.items():
+        shape, dtype = header[key]
+        if list(t.shape) != shape:
+            source = _blame(key, list(t.shape), shape, spec, model)
+            raise ArtifactError(f"{weights}: tensor '{key}' has shape {shape} but {source} implies {list(t.shape)}")
+        if t.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise ArtifactError(f"{weights}: tensor '{key}' is {dtype}, not a floating-point type")
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_max_tokens(pre: Preprocessor, model: MultimodalClassifier, model_dir: str):
+    positions = getattr(model.text_encoder.encoder.config, "max_position_embeddings", None) \
+        if model.text_encoder is not None else None
+    if _is_int(positions, 1) and pre.max_tokens > positions:
+        raise ArtifactError(f"{os.path.join(model_dir, PREPROCESSING)}: field 'max_tokens' ({pre.max_tokens}) exceeds "
+                            f"max_position_embeddings ({positions}) of encoder/config.json")
+
+
+def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple[ModelSpec, Preprocessor]:
+    """Every file of a model directory checked against the others before any weight is allocated: a
+    tampered file is one error naming it (and the field), never a traceback or a multi-GB allocation."""
+    require_model_dir(model_dir)
+    spec = read_spec(model_dir)
     pre = Preprocessor.load(os.path.join(model_dir, PREPROCESSING))
+    check_spec_against_preprocessing(spec, pre, model_dir)
+    header = read_weights_header(os.path.join(model_dir, WEIGHTS))
+    _check_encoder_config(model_dir, len(header))
+    meta = _meta_model(spec, model_dir, trust_remote_code)
+    check_weights_match(meta, spec, header, model_dir)
+    check_max_tokens(pre, meta, model_dir)
+    return spec, pre
+
+
+def load_artifact(model_dir: str, trust_remote_code: bool = False):
+    """Rebuild (model in eval mode, preprocessor, tokenizer) from a model directory. Only JSON and
+    safetensors are read: a pickle placed in the directory is never loaded."""
+    spec, pre = validate_model_dir(model_dir, trust_remote_code)
     weights = load_weights(os.path.join(model_dir, WEIGHTS))
     model = build_model(spec, None, pretrained=False, trust_remote_code=trust_remote_code,
                         encoder_config_dir=os.path.join(model_dir, "encoder"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(f"{model_dir}/{WEIGHTS} does not match {SPEC}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(weights, strict=True)  # names and shapes were checked against the header
     model.eval()
     from .data.tokenize import load_tokenizer
 
     tok_dir = os.path.join(model_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else pre.tokenizer, trust_remote_code)
     return model, pre, tokenizer
+
+
+def read_model_config(model_dir: str) -> dict:
+    """MODEL_DIR/config.yaml as plain YAML (safe_load: no objects are constructed)."""
+    import yaml
+
+    path = os.path.join(model_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path} not found: give --data (and --indices) explicitly")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+        raise ArtifactError(f"{path} does not hold a training config (sections data, model, train, dist)")
+    return raw

@@ -77,3 +77,27 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
+
+
+def make_model_dir(work, tiny_bert: str, **data) -> str:
+    """A consolidated model dir under `work`: the random tiny model, preprocessing fitted on work/train.csv
+    (`data` overrides the config's data section), no training."""
+    import torch
+
+    from mmbert.artifact import build_model, save_artifact
+    from mmbert.config import load_config
+    from mmbert.data.preprocess import Preprocessor
+    from mmbert.data.tokenize import load_tokenizer
+    from mmbert.models.classifier import ModelSpec
+
+    cfg = load_config(write_config(work / "m.yaml", tiny_bert, str(work / "train.csv"), data=data))
+    pre = Preprocessor.fit(pd.read_csv(work / "train.csv"), cfg.data, tiny_bert, str(work / "train.csv"))
+    spec = ModelSpec(fusion="cross_attn", hidden_dim=32, num_heads=2, dropout=0.0, pooling="cls",
+                     num_numeric=len(pre.numeric_columns),
+                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
+                     cat_embedding_dim=8, num_classes=pre.num_classes, encoder=tiny_bert)
+    torch.manual_seed(0)
+    model = build_model(spec, tiny_bert, pretrained=True)
+    out = str(work / "run" / "final")
+    save_artifact(out, model.state_dict(), spec, model, pre, load_tokenizer(tiny_bert), cfg.to_dict())
+    return out

@@ -143,3 +143,14 @@ def test_reexport_replaces_an_earlier_export_without_stale_files(make_run, tmp_p
         export_onnx(make_run("tab_only"), str(folder), quantize="int8", exporter="torchscript", int8_tolerance=0,
                     say=lambda _: None)
     assert _snapshot(folder) == before and sorted(os.listdir(folder)) == listing
+
+
+def test_python_tag_in_the_model_dirs_config_is_one_line(make_run, tmp_path):
+    """Case 10 through export.py: a YAML python tag in config.yaml is never constructed (safe_load) and stops
+    with one line naming the file, not a traceback from the verification-row lookup."""
+    model = tmp_path / "model"
+    shutil.copytree(make_run("tab_only"), model)
+    (model / "config.yaml").write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    r = run_cli(["export.py", "--model-dir", str(model), "--output", str(tmp_path / "out")], check=False)
+    assert_one_line_error(r, f"{model / 'config.yaml'} is not valid YAML")
+    assert "pwned" not in r.stdout + r.stderr

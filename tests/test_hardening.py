@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, make_model_dir, run_cli, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -259,24 +259,7 @@ def test_disk_full_output_dir_fails_before_training(tmp_path, monkeypatch, train
 @pytest.fixture(scope="module")
 def model_dir(work, tiny_bert):
     """A consolidated model dir (random tiny model, preprocessing fitted on the first 120 rows), no training."""
-    from mmbert.artifact import build_model, save_artifact
-    from mmbert.config import load_config
-    from mmbert.data.preprocess import Preprocessor
-    from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec
-
-    cfg = load_config(write_config(work / "m.yaml", tiny_bert, str(work / "train.csv")))
-    train = pd.read_csv(work / "train.csv")
-    pre = Preprocessor.fit(train, cfg.data, tiny_bert, str(work / "train.csv"))
-    spec = ModelSpec(fusion="cross_attn", hidden_dim=32, num_heads=2, dropout=0.0, pooling="cls",
-                     num_numeric=len(pre.numeric_columns),
-                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=8, num_classes=pre.num_classes, encoder=tiny_bert)
-    torch.manual_seed(0)
-    model = build_model(spec, tiny_bert, pretrained=True)
-    out = str(work / "run" / "final")
-    save_artifact(out, model.state_dict(), spec, model, pre, load_tokenizer(tiny_bert), cfg.to_dict())
-    return out
+    return make_model_dir(work, tiny_bert)
 
 
 def eval_cli(model: str, data: str, out, *args: str):

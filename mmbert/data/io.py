@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import codecs
 import glob
+import hashlib
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import pandas as pd
 
@@ -33,8 +34,11 @@ def _files_and_format(path: str) -> tuple[list[str], str, str]:
     return files, _FORMATS[ext], ext
 
 
-def load_table(path: str) -> pd.DataFrame:
-    """Rows in file order (shards sorted by name). Raises DataError with the file name on any problem."""
+def load_table(path: str, text_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Rows in file order (shards sorted by name). Raises DataError with the file name on any problem.
+    `text_columns` (id columns) are read as text, whatever they look like: `00123` stays `00123`, a 19-digit
+    id is not rounded through float, a missing value is None."""
+    text_columns = list(text_columns)
     files, fmt, ext = _files_and_format(path)
     for f in files:
         if os.path.getsize(f) == 0:
@@ -49,10 +53,13 @@ def load_table(path: str) -> pd.DataFrame:
         # keep text as text: no "NA" -> NaN guessing beyond empty cells
         kwargs["keep_default_na"] = False
         kwargs["na_values"] = [""]
+        if text_columns:  # the raw field, untouched (datasets passes no dtype); names not in the file: ignored
+            kwargs["converters"] = {c: str for c in text_columns}
     verbosity = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)  # its "Failed to read file" lines: we report the error once
     try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=_cache_dir(), **kwargs)
+        ds = datasets.load_dataset(fmt, data_files=files, split="train",
+                                  cache_dir=os.path.join(_cache_dir(), _content_key(files)), **kwargs)
     except Exception as e:  # datasets wraps parser errors in many types; report them with the file
         raise _diagnose(e, files, fmt, path) from None
     finally:
@@ -66,12 +73,39 @@ def load_table(path: str) -> pd.DataFrame:
             if "utf8" in str(e).lower():
                 raise _utf8_error(files, path) from None
             raise DataError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
-    df = ds.to_pandas()
+    df = _as_text(ds, text_columns, path).to_pandas()
     if len(df.columns) == 0:
         raise DataError(f"data file {path} has no columns")
     if len(df) == 0:
         raise DataError(f"data file {path} has a header but no rows")
     return df.reset_index(drop=True)
+
+
+def _content_key(files: list[str]) -> str:
+    """Digest of the files' names, sizes and bytes. The datasets cache keys a local file on its path and
+    mtime, so a file rewritten with its old mtime restored (cp -p, rsync -t, tar) was read from the stale
+    cache: one cache folder per content makes that impossible. Reading the bytes costs what parsing does."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return "content-" + h.hexdigest()
+
+
+def _as_text(ds, columns: list[str], path: str):
+    """Parquet / JSON id columns (ints, floats) as strings, cast in Arrow: exact for 64-bit ints, nulls kept."""
+    import datasets
+
+    for c in columns:
+        if c in ds.column_names and ds.features[c] != datasets.Value("string"):
+            try:
+                ds = ds.cast_column(c, datasets.Value("string"))
+            except (TypeError, ValueError, NotImplementedError) as e:  # lists, structs: no text form
+                raise DataError(f"data file {path}: id column '{c}' cannot be read as text: "
+                                f"{str(e).splitlines()[0]}") from None
+    return ds
 
 
 def _diagnose(e: Exception, files: list[str], fmt: str, path: str) -> DataError:

@@ -52,18 +52,19 @@ def fraction_split(n: int, fractions: Optional[list[float]], seed: int) -> dict[
 def load_splits(d) -> dict[str, Split]:
     s = d.split
     need = _required_columns(d)
+    ids = [d.id_column] if d.id_column else []  # read as text: the same ids evaluation writes back
     splits: dict[str, Split] = {}
     if s.train_file:
         for name in ("train", "val", "test"):
             f = getattr(s, f"{name}_file")
             if f:
-                df = load_table(f)
+                df = load_table(f, ids)
                 check_columns(df, need, f)
                 splits[name] = Split(name, df, f)
     else:
         if not d.path:
             raise ConfigError("config key 'data.path' is not set (or give data.split.train_file)")
-        df = load_table(d.path)
+        df = load_table(d.path, ids)
         check_columns(df, need, d.path)
         n = len(df)
         if s.train_indices:

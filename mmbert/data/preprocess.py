@@ -293,9 +293,74 @@ class Preprocessor:
         if unknown:
             raise ArtifactError(f"{path}: unknown preprocessing keys {sorted(unknown)}")
         try:
-            return cls(**raw)
+            pre = cls(**raw)
         except TypeError as e:
             raise ArtifactError(f"{path}: incomplete preprocessing file: {e}") from None
+        pre.validate(path)
+        return pre
+
+    def validate(self, path: str):
+        """Every field of a loaded file (a model directory may come from anyone): a wrong type or range is
+        one error naming the file and field, instead of a traceback or silently different probabilities."""
+        for name, (ok, want) in _FIELDS.items():
+            if not ok(getattr(self, name)):
+                raise ArtifactError(f"{path}: field '{name}' must be {want}, got {getattr(self, name)!r:.80}")
+        for name, columns, ok, want in (
+                ("numeric_stats", self.numeric_columns, _is_stats, "{median, mean, std} of finite numbers, std > 0"),
+                ("vocabularies", self.categorical_columns, _is_str_list, "a list of category names")):
+            table = getattr(self, name)
+            if sorted(table) != sorted(columns):
+                raise ArtifactError(f"{path}: field '{name}' must have one entry per column of {columns}, "
+                                    f"got {sorted(table)!r:.80}")
+            bad = next((c for c in columns if not ok(table[c])), None)
+            if bad is not None:
+                raise ArtifactError(f"{path}: field '{name}.{bad}' must be {want}, got {table[bad]!r:.80}")
+        want_class = {"int": _is_int, "string": lambda v: isinstance(v, str), "onehot": _is_int}[self.label_type]
+        if (len(self.classes) < 2 or not all(want_class(c) for c in self.classes)
+                or len(set(self.classes)) != len(self.classes)
+                or (self.label_type == "onehot" and self.classes != list(range(len(self.classes))))):
+            raise ArtifactError(f"{path}: field 'classes' must be >= 2 distinct {self.label_type} class names "
+                                f"(label_type '{self.label_type}'), got {self.classes!r:.80}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_stats(v) -> bool:
+    if not isinstance(v, dict) or sorted(v) != ["mean", "median", "std"]:
+        return False
+    nums = [x for x in v.values() if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    return len(nums) == 3 and v["std"] > 0
+
+
+def _optional_str(v) -> bool:
+    return v is None or (isinstance(v, str) and v != "")
+
+
+# field -> (check, what it must be); max_tokens: the bound data.max_tokens has in a training config
+_FIELDS = {
+    "tokenizer": (lambda v: isinstance(v, str), "a string"),
+    "text_columns": (_is_str_list, "a list of column names"),
+    "text_separator": (lambda v: isinstance(v, str), "a string"),
+    "numeric_columns": (_is_str_list, "a list of column names"),
+    "categorical_columns": (_is_str_list, "a list of column names"),
+    "label_column": (_optional_str, "a column name or null"),
+    "id_column": (_optional_str, "a column name or null"),
+    "serialize_columns": (_is_str_list, "a list of column names"),
+    "max_tokens": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
+    "max_chunks": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "numeric_stats": (lambda v: isinstance(v, dict), "an object"),
+    "vocabularies": (lambda v: isinstance(v, dict), "an object"),
+    "label_type": (lambda v: v in ("int", "string", "onehot"), "one of 'int', 'string', 'onehot'"),
+    "classes": (lambda v: isinstance(v, list), "a list"),
+    "labels_pinned": (lambda v: isinstance(v, bool), "true or false"),
+    "format_version": (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION}"),
+}
 
 
 def _fmt(v) -> str:

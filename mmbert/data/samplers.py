@@ -53,8 +53,8 @@ def eval_shard(n: int, rank: int, world: int, lengths: Optional[np.ndarray] = No
     """(positions this rank scores, mask of those that are its own rows rather than padding repeats)."""
     order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(n)
     pad = (-n) % world
-    real = np.ones(n + pad, dtype=bool)
-    if pad:
-        order = np.concatenate([order, order[:pad]])
-        real[n:] = False
+    # repeat cyclically: with fewer rows than ranks (1 row, 3 ranks) order[:pad] alone is too short, and a
+    # rank with no position would run fewer batches than the others (FSDP/DDP collectives hang)
+    order = np.resize(order, n + pad)
+    real = np.arange(n + pad) < n
     return order[rank::world], real[rank::world]

@@ -45,12 +45,13 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
         out["f1"] = float(M.f1_score(labels, pred, zero_division=0))
         out["precision"] = float(M.precision_score(labels, pred, zero_division=0))
         out["recall"] = float(M.recall_score(labels, pred, zero_division=0))
-        out["roc_auc"] = _safe(M.roc_auc_score, labels, p1)
-        out["pr_auc"] = _safe(M.average_precision_score, labels, p1)
         if len(np.unique(labels)) == 2:
+            out["roc_auc"] = _safe(M.roc_auc_score, labels, p1)
+            out["pr_auc"] = _safe(M.average_precision_score, labels, p1)
             out["best_threshold_f1"], out["best_threshold"] = best_threshold_f1(labels, p1)
-        else:  # undefined with one class present: keep the keys so every binary report has them
-            out["best_threshold_f1"], out["best_threshold"] = None, None
+        else:  # undefined with one class present (sklearn would say 0.0 for AP): None, never nan, same keys
+            for key in ("roc_auc", "pr_auc", "best_threshold_f1", "best_threshold"):
+                out[key] = None
     else:
         out["f1_macro"] = float(M.f1_score(labels, pred, average="macro", zero_division=0))
         out["f1_micro"] = float(M.f1_score(labels, pred, average="micro", zero_division=0))

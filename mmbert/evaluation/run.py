@@ -15,6 +15,7 @@ Outputs (OUT = --output-dir):
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 import logging
@@ -27,12 +28,13 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ..artifact import read_model_config
 from ..cli import _Parser
 from ..data.dataset import TableDataset
 from ..data.io import load_table, read_indices
 from ..data.pipeline import build_dataset, fraction_split
 from ..distributed.env import DistEnv, cleanup, init_distributed
-from ..errors import ArtifactError, ConfigError, DataError
+from ..errors import ArtifactError, ConfigError, DataError, MMBertError
 from .metrics import compute_metrics, per_class_report, summary_table
 from .plots import ALL as PLOT_FILES
 from .plots import write_plots
@@ -125,23 +127,6 @@ def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
 
 # ----------------------------------------------------------------------------- which rows
 
-def read_model_config(model_dir: str) -> dict:
-    """MODEL_DIR/config.yaml as plain YAML (safe_load: no objects are constructed)."""
-    import yaml
-
-    path = os.path.join(model_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ArtifactError(f"{path} not found: give --data (and --indices) explicitly")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
-        raise ArtifactError(f"{path} does not hold a training config (sections data, model, train, dist)")
-    return raw
-
-
 def _config_path(value, key: str, cfg_file: str) -> str:
     if not isinstance(value, str) or not value:
         raise ArtifactError(f"{cfg_file}: '{key}' is not a path: {value!r}")
@@ -158,8 +143,23 @@ class Selection:
     description: str
 
 
+def id_column_hint(args: argparse.Namespace) -> list[str]:
+    """The id column to read as text (`00123` must not come back as `123.0`): --id-column, else the one in
+    the model's preprocessing.json. Peeked at before the model is loaded; the scorer loader reads and
+    checks the file fully, so a broken one is reported there."""
+    if args.id_column:
+        return [args.id_column]
+    try:
+        with open(os.path.join(args.model_dir, "preprocessing.json"), encoding="utf-8") as f:
+            name = json.load(f).get("id_column")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name] if isinstance(name, str) else []
+
+
 def select_rows(args: argparse.Namespace) -> Selection:
     cfg_file = os.path.join(args.model_dir, "config.yaml")
+    ids = id_column_hint(args)
     data = args.data
     if args.split or not data:
         dcfg = read_model_config(args.model_dir).get("data") or {}
@@ -173,26 +173,26 @@ def select_rows(args: argparse.Namespace) -> Selection:
             if args.data and os.path.abspath(args.data) != os.path.abspath(f):
                 raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({f}); "
                                   f"drop --data, or give --data without --split")
-            df, desc = load_table(f), f"split {name} (file)"
+            df, desc = load_table(f, ids), f"split {name} (file)"
             data = f
         elif s.get(f"{name}_indices"):
             idx_file = _config_path(s[f"{name}_indices"], f"data.split.{name}_indices", cfg_file)
-            table = load_table(data)
+            table = load_table(data, ids)
             df, desc = table.iloc[read_indices(idx_file, len(table), data)], f"split {name} ({idx_file})"
         elif s.get("train_indices") or s.get("train_file"):
             raise ConfigError(f"--split {name}: {cfg_file} records no {name} split")
         else:
-            table = load_table(data)
+            table = load_table(data, ids)
             parts = fraction_split(len(table), s.get("fractions"), int(s.get("seed") or 0))
             if name not in parts:
                 raise ConfigError(f"--split {name}: the fractions {s.get('fractions')} in {cfg_file} leave it empty")
             fractions = s.get("fractions") or [0.8, 0.1, 0.1]
             df, desc = table.iloc[parts[name]], f"split {name} (fractions {fractions}, seed {s.get('seed') or 0})"
     elif args.indices:
-        table = load_table(data)
+        table = load_table(data, ids)
         df, desc = table.iloc[read_indices(args.indices, len(table), data)], f"rows of {args.indices}"
     else:
-        df, desc = load_table(data), "all rows"
+        df, desc = load_table(data, ids), "all rows"
     if args.max_rows is not None and len(df) > args.max_rows:
         df, desc = df.iloc[:args.max_rows], f"{desc}, first {args.max_rows}"
     if len(df) == 0:
@@ -226,11 +226,59 @@ def prediction_frame(ds: TableDataset, positions: np.ndarray, probs: np.ndarray,
     return pd.DataFrame(cols)
 
 
-def write_tsv(df: pd.DataFrame, path: str):
+def stage_tsv(df: pd.DataFrame, path: str) -> str:
+    """Write `path`.tmp (renamed once every rank agrees, so a crash never leaves a half file under the real
+    name). Every text field is quoted (RFC 4180, `"` doubled): an id holding a tab, `\n` or `\r` stays one
+    field (QUOTE_MINIMAL leaves a lone `\r` bare, which readers take for a line break)."""
+    df = df.copy()
+    for c in df.columns:
+        if df[c].dtype.kind == "f":  # the shortest float64 that is the float32 (%.9g round-trips float32):
+            df[c] = np.char.mod("%.9g", df[c].to_numpy()).astype(np.float64)  # written bare, not as text
     tmp = path + ".tmp"
-    # %.9g round-trips float32 exactly: metrics recomputed from the file match metrics.json
-    df.to_csv(tmp, sep="\t", index=False, float_format="%.9g")
-    os.replace(tmp, path)
+    df.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    return tmp
+
+
+def write_tsv(df: pd.DataFrame, path: str):
+    os.replace(stage_tsv(df, path), path)
+
+
+def agree(step: Callable[[], object]):
+    """Run `step` on this rank and all-gather whether it worked on every rank: if one failed, all stop with
+    its error, so rank 0 never writes the merged files while a rank's own part is missing."""
+    import torch.distributed as dist
+
+    error = None
+    value = None
+    try:
+        value = step()
+    except OSError as e:
+        error = f"cannot write {e.filename or 'output'}: {e.strerror or e}"
+    except MMBertError as e:
+        error = str(e)
+    errors = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        rank, msg = failed[0]
+        raise ConfigError(msg if len(errors) == 1 else f"rank {rank}: {msg}")
+    return value
+
+
+def check_scores(probs: np.ndarray, ds: TableDataset, num_classes: int, classes: list, source: str):
+    """The merged probabilities, identical on every rank: so every rank takes the same decision here,
+    before anything is written."""
+    if probs.shape[1] != num_classes:
+        raise ArtifactError(f"the scorer returns {probs.shape[1]} probabilities per row but the label map has "
+                            f"{num_classes} classes {classes}")
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ArtifactError(f"{source}: the model gives NaN/inf probabilities for {int(bad.sum())} of {len(probs)} "
+                            f"rows (first: row {int(ds.enc.rows[first])}): check its weights for NaN/inf; no "
+                            f"prediction file was written")
 
 
 def _json_safe(v):
@@ -265,8 +313,7 @@ def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = N
         cleanup()
 
 
-def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
-    t0 = time.time()
+def prepare_output_dir(args: argparse.Namespace) -> str:
     out = args.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -276,11 +323,11 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         from ..artifact import require_model_dir
 
         require_model_dir(args.model_dir)  # named before any data error, as load_artifact would
-    # the rows first: a bad data file is reported before seconds go into loading the model
-    sel = select_rows(args)
-    scorer, pre, tokenizer = scorer_loader(args, env)
+    return out
 
-    # id column: --id-column must exist; the training config's one is used when the file has it
+
+def resolve_id_column(args: argparse.Namespace, sel: Selection, pre):
+    """--id-column must exist; the training config's one is used when the file has it."""
     if args.id_column:
         if args.id_column not in sel.df.columns:
             raise DataError(f"{sel.file}: --id-column '{args.id_column}' is missing "
@@ -288,8 +335,17 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         pre.id_column = args.id_column
     elif pre.id_column and pre.id_column not in sel.df.columns:
         main_log.warning("id column '%s' of the training config is not in %s: prediction files carry row numbers only",
-                    pre.id_column, sel.file)
+                         pre.id_column, sel.file)
         pre.id_column = None
+
+
+def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
+    t0 = time.time()
+    out = prepare_output_dir(args)
+    # the rows first: a bad data file is reported before seconds go into loading the model
+    sel = select_rows(args)
+    scorer, pre, tokenizer = scorer_loader(args, env)
+    resolve_id_column(args, sel, pre)
     labelled = bool(pre.label_column) and pre.label_column in sel.df.columns
     ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data")
     class_names = pre.class_names
@@ -303,33 +359,36 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
     own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id,
                                     progress=env.is_main and not args.no_progress, scorer=scorer,
                                     num_classes=pre.num_classes)
-    if probs.shape[1] != pre.num_classes:
-        raise ArtifactError(f"the scorer returns {probs.shape[1]} probabilities per row but the label map has "
-                            f"{pre.num_classes} classes {pre.classes}")
+    check_scores(probs, ds, pre.num_classes, pre.classes, args.onnx or args.model_dir)
     order = np.argsort(own, kind="stable")  # the rank file in input order too
-    write_tsv(prediction_frame(ds, own[order], own_probs[order], class_names, pre.id_column),
-              os.path.join(out, RANK_FILE.format(env.rank)))
+    rank_file = os.path.join(out, RANK_FILE.format(env.rank))
+    staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], class_names,
+                                                      pre.id_column), rank_file))
+    os.replace(staged, rank_file)
     if not env.is_main:
         return {}
-
     write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, class_names, pre.id_column),
               os.path.join(out, PREDICTIONS))
-    result: dict = {}
-    if labelled:
-        labels = ds.enc.labels
-        result = compute_metrics(labels, probs, class_names)
-        result["per_class"] = per_class_report(labels, probs, class_names)
-        # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
-        result["data_report"] = ds.enc.report
-        result["run"] = {"model_dir": args.model_dir, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
-                         "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
-        tmp = os.path.join(out, METRICS + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(_json_safe(result), f, indent=1)
-        os.replace(tmp, os.path.join(out, METRICS))
+    result = write_metrics(args, env, sel, ds, probs, class_names, t0) if labelled else {}
     pictures = [] if args.no_plots else write_plots(out, probs, class_names, ds.enc.labels if labelled else None,
                                                    result.get("confusion_matrix"))
     print(summary(sel, ds, probs, class_names, result, env.world_size, time.time() - t0, out, pictures), flush=True)
+    return result
+
+
+def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
+                  class_names: list[str], t0: float) -> dict:
+    labels = ds.enc.labels
+    result = compute_metrics(labels, probs, class_names)
+    result["per_class"] = per_class_report(labels, probs, class_names)
+    # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
+    result["data_report"] = ds.enc.report
+    result["run"] = {"model_dir": args.model_dir, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
+                     "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
+    tmp = os.path.join(args.output_dir, METRICS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(result), f, indent=1)
+    os.replace(tmp, os.path.join(args.output_dir, METRICS))
     return result
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..artifact import read_model_config
 from ..errors import ArtifactError, MMBertError
 
 log = logging.getLogger("mmbert.export")
@@ -212,14 +213,10 @@ def _rows_from_run(model_dir: str, data: Optional[str], n: int):
     if data:
         df = load_table(data)
         return df.iloc[:n], data, f"first rows of {data}"
-    cfg_path = os.path.join(model_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(model_dir, "config.yaml")):
         return None
+    d = read_model_config(model_dir).get("data") or {}  # one line, not a traceback, for a tampered file
     try:
-        import yaml
-
-        with open(cfg_path) as f:
-            d = (yaml.safe_load(f) or {}).get("data") or {}
         split = d.get("split") or {}
         for key in ("val_file", "test_file"):
             if split.get(key) and os.path.exists(split[key]):

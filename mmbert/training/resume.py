@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config
 from ..errors import ConfigError
 
 log = logging.getLogger("mmbert")

@@ -18,8 +18,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..config import Config
-from ..errors import ConfigError
 from ..distributed.checkpoint import list_complete
+from ..errors import ConfigError
 
 log = logging.getLogger("mmbert")
 LOCK = ".lock"

@@ -16,15 +16,17 @@ from typing import Optional
 
 import torch
 
-from .data.preprocess import Preprocessor
-from .config import FUSIONS
+from .config import FUSIONS, POOLINGS
+from .data.preprocess import Preprocessor, is_int
 from .errors import ArtifactError
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
+from .models.text_encoder import position_limit
 
-POOLINGS = ("pooler", "cls", "mean")  # the choices of config.ModelConfig.pooling
 WEIGHTS = "model.safetensors"
 SPEC = "model_spec.json"
 PREPROCESSING = "preprocessing.json"
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")  # config keys that count built layers
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def build_model(spec: ModelSpec, encoder_source: Optional[str], pretrained: bool, trust_remote_code: bool = False,
@@ -100,21 +102,17 @@ def require_model_dir(model_dir: str):
         raise ArtifactError(f"model directory not found: {model_dir}")
 
 
-def _is_int(v, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
 # model_spec.json field -> (check, what it must be)
 SPEC_FIELDS = {
     "fusion": (lambda v: v in FUSIONS, f"one of {', '.join(FUSIONS)}"),
-    "hidden_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "num_heads": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "hidden_dim": (lambda v: is_int(v, 1), "an integer >= 1"),
+    "num_heads": (lambda v: is_int(v, 1), "an integer >= 1"),
     "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
     "pooling": (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
-    "num_numeric": (lambda v: _is_int(v, 0), "an integer >= 0"),
-    "cardinalities": (lambda v: isinstance(v, list) and all(_is_int(n, 0) for n in v), "a list of integers >= 0"),
-    "cat_embedding_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
-    "num_classes": (lambda v: _is_int(v, 2), "an integer >= 2"),
+    "num_numeric": (lambda v: is_int(v, 0), "an integer >= 0"),
+    "cardinalities": (lambda v: isinstance(v, list) and all(is_int(n, 0) for n in v), "a list of integers >= 0"),
+    "cat_embedding_dim": (lambda v: is_int(v, 1), "an integer >= 1"),
+    "num_classes": (lambda v: is_int(v, 2), "an integer >= 2"),
     "encoder": (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -160,12 +158,10 @@ def _check_encoder_config(model_dir: str, n_tensors: int):
         return  # load_encoder reports a missing or unreadable config
     for key in LAYER_KEYS:
         v = raw.get(key) if isinstance(raw, dict) else None
-        if v is not None and not (_is_int(v, 0) and v <= n_tensors):
+        if v is not None and not (is_int(v, 0) and v <= n_tensors):
             raise ArtifactError(f"{path}: field '{key}' must be an integer <= the {n_tensors} tensors of {WEIGHTS}, "
                                 f"got {v!r:.80}")
 
-
-LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
 
 
 def _meta_model(spec: ModelSpec, model_dir: str, trust_remote_code: bool) -> MultimodalClassifier:
@@ -191,7 +187,7 @@ def _blame(key: str, expected: list[int], actual: list[int], spec: ModelSpec, mo
         source, fields = "encoder/config.json", model.text_encoder.encoder.config.to_dict()
     else:
         source, fields = SPEC, spec.to_dict()
-    suspects = [k for k, v in fields.items() if _is_int(v, 0) and v in expected and v not in actual]
+    suspects = [k for k, v in fields.items() if is_int(v, 0) and v in expected and v not in actual]
     return source + (f" (field {', '.join(repr(k) for k in suspects)})" if suspects else "")
 
 
@@ -211,15 +207,12 @@ def check_weights_match(model: MultimodalClassifier, spec: ModelSpec, header: di
             raise ArtifactError(f"{weights}: tensor '{key}' is {dtype}, not a floating-point type")
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
 
 def check_max_tokens(pre: Preprocessor, model: MultimodalClassifier, model_dir: str):
-    positions = getattr(model.text_encoder.encoder.config, "max_position_embeddings", None) \
-        if model.text_encoder is not None else None
-    if _is_int(positions, 1) and pre.max_tokens > positions:
+    positions = position_limit(model.text_encoder.encoder.config) if model.text_encoder is not None else None
+    if positions is not None and pre.max_tokens > positions:
         raise ArtifactError(f"{os.path.join(model_dir, PREPROCESSING)}: field 'max_tokens' ({pre.max_tokens}) exceeds "
-                            f"max_position_embeddings ({positions}) of encoder/config.json")
+                            f"the {positions} positions (max_position_embeddings) of encoder/config.json")
 
 
 def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple[ModelSpec, Preprocessor]:

@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
 STRATEGIES = ("fsdp", "ddp", "none")
+POOLINGS = ("pooler", "cls", "mean")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
-    pooling: Literal["pooler", "cls", "mean"] = "pooler"
+    pooling: Literal[POOLINGS] = "pooler"  # type: ignore[valid-type]
     hidden_dim: int = 384
     fusion: Literal[FUSIONS] = "cross_attn"  # type: ignore[valid-type]
     num_heads: int = 4

@@ -33,21 +33,20 @@ def run_main(main):
         debug = "--debug" in argv or os.environ.get("MMBERT_DEBUG") == "1"
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         prefix = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+        def stop(message: str):
+            if debug:
+                traceback.print_exc()
+            print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
         try:
             return main(argv)
         except MMBertError as e:
-            if debug:
-                traceback.print_exc()
-            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            stop(str(e))
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            if debug:
-                traceback.print_exc()
-            print(f"{prefix}error: no space left on device writing {e.filename or 'a file'}", file=sys.stderr,
-                  flush=True)
-            sys.exit(2)
+            stop(f"no space left on device writing {e.filename or 'a file'}")
         except KeyboardInterrupt:
             print(f"{prefix}interrupted", file=sys.stderr, flush=True)
             sys.exit(130)

@@ -315,7 +315,7 @@ class Preprocessor:
             bad = next((c for c in columns if not ok(table[c])), None)
             if bad is not None:
                 raise ArtifactError(f"{path}: field '{name}.{bad}' must be {want}, got {table[bad]!r:.80}")
-        want_class = {"int": _is_int, "string": lambda v: isinstance(v, str), "onehot": _is_int}[self.label_type]
+        want_class = {"int": is_int, "string": lambda v: isinstance(v, str), "onehot": is_int}[self.label_type]
         if (len(self.classes) < 2 or not all(want_class(c) for c in self.classes)
                 or len(set(self.classes)) != len(self.classes)
                 or (self.label_type == "onehot" and self.classes != list(range(len(self.classes))))):
@@ -323,8 +323,9 @@ class Preprocessor:
                                 f"(label_type '{self.label_type}'), got {self.classes!r:.80}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v, low: Optional[int] = None) -> bool:
+    """An int (not a bool), at least `low`: for fields read from files anyone may have written."""
+    return isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
 
 
 def _is_str_list(v) -> bool:
@@ -352,8 +353,8 @@ _FIELDS = {
     "label_column": (_optional_str, "a column name or null"),
     "id_column": (_optional_str, "a column name or null"),
     "serialize_columns": (_is_str_list, "a list of column names"),
-    "max_tokens": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
-    "max_chunks": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_tokens": (lambda v: is_int(v, 8), "an integer >= 8"),
+    "max_chunks": (lambda v: is_int(v, 1), "an integer >= 1"),
     "numeric_stats": (lambda v: isinstance(v, dict), "an object"),
     "vocabularies": (lambda v: isinstance(v, dict), "an object"),
     "label_type": (lambda v: v in ("int", "string", "onehot"), "one of 'int', 'string', 'onehot'"),

@@ -24,10 +24,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from ..errors import ArtifactError, MMBertError
+from .parallel import all_reduce_max
 
 log = logging.getLogger("mmbert")
 COMPLETE = "COMPLETE"
@@ -87,14 +92,13 @@ def _is_disk_full(e: BaseException) -> bool:
 
 def _agree_or_raise(err: Optional[BaseException], root: str, tmp: str, step: int):
     """Collective: if any rank failed, rank 0 removes the partial checkpoint and every rank stops."""
-    flag = torch.tensor([0.0 if err is None else (2.0 if _is_disk_full(err) else 1.0)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
+    flag = all_reduce_max(0.0 if err is None else (2.0 if _is_disk_full(err) else 1.0))
+    if flag == 0:
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    if flag.item() == 2:
+    if flag == 2:
         free = shutil.disk_usage(root).free / 2**20
         raise CheckpointWriteError(f"no space left on {root} while writing checkpoint step_{step} ({free:.0f} MiB "
                                    f"free); the partial checkpoint was removed, the newest complete one is kept")
@@ -176,8 +180,7 @@ def read_train_state(path: str) -> dict:
 
 
 def load_checkpoint(path: str, model, optimizer, rank: int) -> dict:
-    if not os.path.isfile(os.path.join(path, COMPLETE)):
-        raise ArtifactError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was being written when the run stopped")
+    train_state = read_train_state(path)
     lost = missing_shards(path)
     if lost:
         raise ArtifactError(f"checkpoint {path} is marked {COMPLETE} but lacks {', '.join(lost[:3])} (written by two "
@@ -186,7 +189,6 @@ def load_checkpoint(path: str, model, optimizer, rank: int) -> dict:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = read_train_state(path)
     rng_file = os.path.join(path, "rng", f"rank_{rank}.safetensors")
     if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
         from safetensors.torch import load_file

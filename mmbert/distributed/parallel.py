@@ -230,7 +230,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: Optional[float]) -> tor
     return total
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
+def all_reduce_max(value: float) -> float:
+    """The largest `value` over all ranks (a CPU tensor: gloo carries it beside NCCL)."""
+    t = torch.tensor([float(value)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return float(t.item())
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    return all_reduce_max(1.0 if flag else 0.0) > 0

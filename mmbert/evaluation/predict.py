@@ -63,9 +63,8 @@ def predict(model, ds: TableDataset, rank: int, world: int, device: torch.device
     else:  # an empty shard: only an empty dataset (eval_shard gives every rank >= 1 position otherwise)
         k = num_classes if num_classes is not None else 0
         local = np.zeros((0, k), np.float32)
-    own, own_probs = shard[real], local[real]  # before the collective: a rank failing after it is not seen
     index, merged = gather_rows(shard, {"probs": local})
     assert len(index) == len(ds) and (index == np.arange(len(ds))).all(), "evaluation lost or duplicated rows"
     if was_training:
         model.train()
-    return own, own_probs, merged["probs"]
+    return shard[real], local[real], merged["probs"]

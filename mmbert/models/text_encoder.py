@@ -7,6 +7,20 @@ from typing import Optional
 import torch
 from torch import nn
 
+# Encoders whose position ids start after the padding id (RoBERTa's `create_position_ids_from_input_ids`)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
+
+
+def position_limit(config) -> Optional[int]:
+    """Tokens per chunk an HF encoder config can position (`max_position_embeddings`; relative-key BERTs
+    are bounded by it too), or None when the config states no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
 
 class TextEncoder(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str, hidden_dim: int, keep_pooler: bool):

@@ -27,15 +27,21 @@ from ..data.samplers import epoch_order, micro_batch, steps_per_epoch
 from ..data.tokenize import load_tokenizer
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
-from ..distributed.parallel import (all_reduce_max_flag, clip_grad_norm, grad_sync, parallelize,
-                                    resolve_plan)
+from ..distributed.parallel import (
+    all_reduce_max_flag,
+    clip_grad_norm,
+    grad_sync,
+    parallelize,
+    resolve_plan,
+)
 from ..errors import ConfigError
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.predict import predict, run_model
 from ..models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
+from ..models.text_encoder import position_limit
 from .optim import build_optimizer, build_scheduler
 from .resume import check_resumable, describe_replan, plan_lr
-from .rundir import OutputLock, claim_output_dir
+from .rundir import OutputLock, claim_output_dir, probe_writable
 
 log = logging.getLogger("mmbert")
 MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_checkpoint_room sizes the real need
@@ -85,10 +91,7 @@ def requeue_under_slurm():
 
 def prepare_output_dir(out: str, cfg: Config, env: DistEnv) -> OutputLock:
     """Collective: a writable directory with room, locked for this run, holding no other run's state."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output directory {out} is not writable: {e.strerror}") from None
+    probe_writable(out, env.rank)
     free = shutil.disk_usage(out).free
     if free < MIN_FREE:
         raise ConfigError(f"output directory {out} has only {free / 2**20:.0f} MiB free; checkpoints need more")
@@ -117,12 +120,8 @@ def check_encoder_fits(cfg: Config):
                                          trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return  # the tokenizer/encoder loaders name a missing encoder in their own words
-    limit = getattr(enc, "max_position_embeddings", None)
-    if not isinstance(limit, int) or getattr(enc, "position_embedding_type", "absolute") != "absolute":
-        return
-    if enc.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):  # positions start after pad id
-        limit -= (enc.pad_token_id or 0) + 1
-    if cfg.data.max_tokens > limit:
+    limit = position_limit(enc)
+    if limit is not None and cfg.data.max_tokens > limit:
         raise ConfigError(f"config key 'data.max_tokens' ({cfg.data.max_tokens}) exceeds the {limit} positions of "
                           f"encoder '{cfg.model.encoder}' (max_position_embeddings); use --max-tokens {limit} or "
                           f"less (longer texts become up to data.max_chunks chunks)")

@@ -45,7 +45,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
         section, _, name = key.partition(".")
-        if section not in ("data", "model", "train", "dist") or (section == "train" and name in RUN_CONTROL_KEYS):
+        if section == "train" and name in RUN_CONTROL_KEYS:
             continue
         if a.get(key) != b.get(key):
             (frozen if _frozen(key) else applied).append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")

@@ -125,7 +125,7 @@ def check_reuse(out: str, cfg: Config):
                       f"to delete it and start over")
 
 
-def _probe_writable(out: str, rank: int):
+def probe_writable(out: str, rank: int):
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write_test_rank{rank}")
@@ -137,11 +137,10 @@ def _probe_writable(out: str, rank: int):
 
 
 def claim_output_dir(out: str, cfg: Config, rank: int, device) -> OutputLock:
-    """Collective. Lock `out` (rank 0), refuse or clear earlier state, and agree on the outcome on every
-    rank, so no rank starts writing into a directory another job owns."""
+    """Collective, on an existing writable `out`. Lock it (rank 0), refuse or clear earlier state, and agree
+    on the outcome on every rank, so no rank starts writing into a directory another job owns."""
     from ..distributed.parallel import all_reduce_max_flag
 
-    _probe_writable(out, rank)
     lock = OutputLock(out)
     problem = None
     if rank == 0:

@@ -223,236 +223,313 @@ def train(cfg: Config) -> Optional[str]:
 
 
 def _train(cfg: Config, env: DistEnv) -> Optional[str]:
-    t0 = time.time()
-    tc, dc = cfg.train, cfg.data
-    out = tc.output_dir
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
-    plan = resolve_plan(cfg.dist, env.device)
+    return Trainer(cfg, env).run()
 
-    # ---- data: preprocessing fitted on the train split only
-    splits = load_splits(dc)
-    tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
-    train_split = splits["train"]
-    pre = Preprocessor.fit(train_split.df, dc, cfg.model.encoder, train_split.file)
-    train_ds = build_dataset(pre, tokenizer, train_split.df, train_split.file, with_labels=True, name="train")
-    log_label_map(pre, train_ds, train_split.file)
-    val_ds = None
-    if "val" in splits and len(splits["val"].df):
-        val_ds = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if tc.class_weights is not None and len(tc.class_weights) != pre.num_classes:
-        raise ConfigError(f"config key 'train.class_weights' has {len(tc.class_weights)} values but label column "
-                          f"'{dc.label_column}' has {pre.num_classes} classes {pre.classes}")
 
-    # ---- model: identical initialisation on every rank, then wrapped
-    has_tab = bool(dc.numeric_columns or dc.categorical_columns)
-    spec = ModelSpec(fusion=effective_fusion(cfg.model.fusion, has_tab), hidden_dim=cfg.model.hidden_dim,
-                     num_heads=cfg.model.num_heads, dropout=cfg.model.dropout, pooling=cfg.model.pooling,
-                     num_numeric=len(pre.numeric_columns),
-                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
-                     encoder=cfg.model.encoder)
-    torch.manual_seed(tc.seed)
-    model = build_model(spec, cfg.model.encoder, pretrained=True, trust_remote_code=cfg.model.trust_remote_code,
-                        attention_dropout=cfg.model.attention_dropout)
-    if cfg.model.freeze_word_embeddings:
-        frozen = freeze_word_embeddings(model)
-        log.info(f"froze the encoder's word embeddings: {frozen:,} parameters")
-    base_model = model
-    n_params = sum(p.numel() for p in model.parameters())
-    check_checkpoint_room(out, model)
-    model = parallelize(model, plan, env)
-    torch.manual_seed(tc.seed + 1000 * env.rank)  # per-rank dropout streams
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+@dataclass
+class StepStats:
+    """What one optimizer step measured, for the metrics record (reduced over ranks only on log steps)."""
+    loss_sum: torch.Tensor
+    denom: torch.Tensor
+    real_tokens: int
+    padded_tokens: int
+    grad_norm: torch.Tensor
+    t_start: float
+    cpu_start: float
 
-    W, B, A = env.world_size, tc.batch_size, tc.grad_accum
-    G = B * W * A
-    n = len(train_ds)
-    spe = steps_per_epoch(n, G)
-    if spe == 0:
-        raise ConfigError(f"the train split has {n} rows, fewer than one global batch "
-                          f"(batch_size {B} x world size {W} x grad_accum {A} = {G}); lower train.batch_size")
-    total_steps = tc.max_steps or tc.epochs * spe
-    optimizer = build_optimizer(model, tc)
-    run_cfg = cfg.to_dict()
-    run_cfg["model"]["fusion"] = spec.fusion  # what was built, the key a resume is checked against
 
-    # ---- resume: the checkpoint's config checked first, then weights, optimizer, loop state, best/
-    state, saved = TrainState(), {}
-    ckpt_root = os.path.join(out, "checkpoints")
-    resume_path = resume_path_for(tc, ckpt_root)
-    if resume_path:
-        state, saved = restore(resume_path, model, optimizer, run_cfg, env, os.path.join(out, "best"))
-        if not saved.get("rng_restored"):
-            torch.manual_seed(tc.seed + 1000 * env.rank + 7919 * state.step)
-        if state.position + G > n:  # the saved epoch ended (or the new world size's batch doesn't fit)
-            state.epoch, state.position = state.epoch + 1, 0
-        log.info("resumed from %s at step %d (epoch %d, position %d; saved on %d ranks, now %d)",
-                 resume_path, state.step, state.epoch, state.position, saved.get("world_size"), W)
-    lr_plan = plan_lr(tc, total_steps, saved.get("lr_plan"), saved.get("config"))
-    scheduler = build_scheduler(optimizer, lr_plan, state.step)
-    replan = describe_replan(saved.get("lr_plan"), lr_plan, state.step, scheduler.get_last_lr()[0])
-    if replan:
-        log.info(replan)
-    mlog = MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main, state.step if resume_path else None)
-    if env.is_main:
-        resolved = cfg.to_dict()
-        resolved["dist"].update(plan.__dict__)
-        resolved["model"]["fusion"] = spec.fusion
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            yaml.safe_dump(resolved, f, sort_keys=False)
-        pre.save(os.path.join(out, PREPROCESSING))
-        log.info("launcher=%s world=%d device=%s strategy=%s threads=%d | %d params | train %d rows, val %d rows | "
-                 "%d steps/epoch of %d samples, %d steps total", env.launcher, W, env.device, plan.strategy,
-                 torch.get_num_threads(), n_params, n, len(val_ds) if val_ds else 0, spe, G, total_steps)
+class Trainer:
+    """One training run, in named steps: build_data -> build_model -> restore -> (train_step, log_step,
+    maybe_evaluate, save) per step -> finalize. Its loop state is one TrainState, saved and restored whole."""
 
-    weights = torch.tensor(tc.class_weights, dtype=torch.float32, device=env.device) if tc.class_weights else None
-    preempt = Preemption()
-    lengths = train_ds.lengths if tc.bucket_by_length else None
-    order_epoch, order = -1, None
-    bar = None
-    if env.is_main and tc.progress_bar:
-        from tqdm import tqdm
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env, self.tc = cfg, env, cfg.train
+        self.t0 = time.time()
+        self.out = cfg.train.output_dir
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        self.best_dir = os.path.join(self.out, "best")
+        if self.tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.plan = resolve_plan(cfg.dist, env.device)
+        self.state = TrainState()
+        self.stop_reason: Optional[str] = None
+        self.order_epoch, self.order = -1, None
+        self.bar = None  # rank 0's progress bar, during run()
 
-        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-    stop_reason = None
+    # ---- building the run
+    def build_data(self):
+        """Preprocessing fitted on the train split only; tokenized train / val datasets."""
+        cfg, dc, tc = self.cfg, self.cfg.data, self.tc
+        splits = load_splits(dc)
+        self.tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
+        train_split = splits["train"]
+        self.pre = pre = Preprocessor.fit(train_split.df, dc, cfg.model.encoder, train_split.file)
+        self.train_ds = build_dataset(pre, self.tokenizer, train_split.df, train_split.file, with_labels=True,
+                                      name="train")
+        log_label_map(pre, self.train_ds, train_split.file)
+        self.val_ds = None
+        if "val" in splits and len(splits["val"].df):
+            self.val_ds = build_dataset(pre, self.tokenizer, splits["val"].df, splits["val"].file, with_labels=True,
+                                        name="val")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if tc.class_weights is not None and len(tc.class_weights) != pre.num_classes:
+            raise ConfigError(f"config key 'train.class_weights' has {len(tc.class_weights)} values but label column "
+                              f"'{dc.label_column}' has {pre.num_classes} classes {pre.classes}")
+        self.class_weights = (torch.tensor(tc.class_weights, dtype=torch.float32, device=self.env.device)
+                              if tc.class_weights else None)
 
-    def evaluate_now():
-        nonlocal stop_reason
-        if val_ds is None:
+    def build_model(self):
+        """Identical initialisation on every rank, then wrapped; the optimizer over the wrapped parameters."""
+        cfg, mc, dc, env = self.cfg, self.cfg.model, self.cfg.data, self.env
+        pre = self.pre
+        has_tab = bool(dc.numeric_columns or dc.categorical_columns)
+        self.spec = ModelSpec(fusion=effective_fusion(mc.fusion, has_tab), hidden_dim=mc.hidden_dim,
+                              num_heads=mc.num_heads, dropout=mc.dropout, pooling=mc.pooling,
+                              num_numeric=len(pre.numeric_columns),
+                              cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
+                              cat_embedding_dim=mc.cat_embedding_dim, num_classes=pre.num_classes, encoder=mc.encoder)
+        torch.manual_seed(self.tc.seed)
+        model = build_model(self.spec, mc.encoder, pretrained=True, trust_remote_code=mc.trust_remote_code,
+                            attention_dropout=mc.attention_dropout)
+        if mc.freeze_word_embeddings:
+            log.info(f"froze the encoder's word embeddings: {freeze_word_embeddings(model):,} parameters")
+        self.base_model = model
+        self.n_params = sum(p.numel() for p in model.parameters())
+        check_checkpoint_room(self.out, model)
+        self.model = parallelize(model, self.plan, env)
+        torch.manual_seed(self.tc.seed + 1000 * env.rank)  # per-rank dropout streams
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.tc)
+        self.run_cfg = cfg.to_dict()
+        self.run_cfg["model"]["fusion"] = self.spec.fusion  # what was built, the key a resume is checked against
+
+    def plan_steps(self):
+        tc, W = self.tc, self.env.world_size
+        self.G = tc.batch_size * W * tc.grad_accum
+        self.n = len(self.train_ds)
+        self.spe = steps_per_epoch(self.n, self.G)
+        if self.spe == 0:
+            raise ConfigError(f"the train split has {self.n} rows, fewer than one global batch (batch_size "
+                              f"{tc.batch_size} x world size {W} x grad_accum {tc.grad_accum} = {self.G}); lower "
+                              f"train.batch_size")
+        self.total_steps = tc.max_steps or tc.epochs * self.spe
+
+    def restore(self):
+        """The checkpoint's config checked first, then weights, optimizer, loop state, best/; then the lr plan
+        (re-planned over a changed total) and the metrics log cut back to the resumed step."""
+        tc, env = self.tc, self.env
+        saved: dict = {}
+        resume_path = resume_path_for(tc, self.ckpt_root)
+        if resume_path:
+            self.state, saved = restore(resume_path, self.model, self.optimizer, self.run_cfg, env, self.best_dir)
+            state = self.state
+            if not saved.get("rng_restored"):
+                torch.manual_seed(tc.seed + 1000 * env.rank + 7919 * state.step)
+            if state.position + self.G > self.n:  # the saved epoch ended (or the new world size's batch doesn't fit)
+                state.epoch, state.position = state.epoch + 1, 0
+            log.info("resumed from %s at step %d (epoch %d, position %d; saved on %d ranks, now %d)",
+                     resume_path, state.step, state.epoch, state.position, saved.get("world_size"), env.world_size)
+        self.lr_plan = plan_lr(tc, self.total_steps, saved.get("lr_plan"), saved.get("config"))
+        self.scheduler = build_scheduler(self.optimizer, self.lr_plan, self.state.step)
+        replan = describe_replan(saved.get("lr_plan"), self.lr_plan, self.state.step, self.scheduler.get_last_lr()[0])
+        if replan:
+            log.info(replan)
+        self.mlog = MetricsLog(os.path.join(self.out, "metrics.jsonl"), env.is_main,
+                               self.state.step if resume_path else None)
+
+    def write_run_files(self):
+        """Rank 0: the resolved config and the fitted preprocessing beside the checkpoints, and the run's header."""
+        if not self.env.is_main:
             return
-        _, _, probs = predict(model, val_ds, env.rank, W, env.device, tc.eval_batch_size or 2 * B, pad_id,
-                              progress=False)
-        metrics = compute_metrics(val_ds.enc.labels, probs, pre.class_names)
-        state.last_eval_step = state.step
-        record = {"step": state.step, "epoch": state.epoch, "split": "val",
-                  **{k: v for k, v in metrics.items() if k != "classes"}}
-        mlog.write(record)
-        value = _metric_key(cfg, metrics)
-        better = improves(value, state.best_metric, tc.metric_mode)
-        if not math.isfinite(value):
-            log.warning("eval step %d: val %s is undefined (%s; e.g. one class in the val split): not used for "
-                        "best-model selection or early stopping", state.step, tc.metric, value)
-        log.info("eval step %d: %s", state.step, " ".join(
-            f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc")
-            if isinstance(metrics.get(k), float)))
-        if better:
-            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
-            if tc.select_best:
-                sd = ckpt.full_state_dict(model)
-                if env.is_main:
-                    save_artifact(os.path.join(out, "best"), sd, spec, base_model, pre, tokenizer, cfg.to_dict())
-                dist.barrier()
-        elif math.isfinite(value):
-            state.evals_since_best += 1
-            if tc.early_stopping_patience and state.evals_since_best >= tc.early_stopping_patience:
-                stop_reason = f"early stopping: no {tc.metric} improvement in {state.evals_since_best} evaluations"
+        env, plan = self.env, self.plan
+        resolved = self.cfg.to_dict()
+        resolved["dist"].update(plan.__dict__)
+        resolved["model"]["fusion"] = self.spec.fusion
+        with open(os.path.join(self.out, "config.yaml"), "w") as f:
+            yaml.safe_dump(resolved, f, sort_keys=False)
+        self.pre.save(os.path.join(self.out, PREPROCESSING))
+        log.info("launcher=%s world=%d device=%s strategy=%s threads=%d | %d params | train %d rows, val %d rows | "
+                 "%d steps/epoch of %d samples, %d steps total", env.launcher, env.world_size, env.device,
+                 plan.strategy, torch.get_num_threads(), self.n_params, self.n,
+                 len(self.val_ds) if self.val_ds else 0, self.spe, self.G, self.total_steps)
 
-    def save(step_state: TrainState):
-        ckpt.save_checkpoint(ckpt_root, step_state.step, model, optimizer,
-                             {**step_state.to_dict(), "lr_plan": lr_plan.to_dict(), "config": run_cfg,
-                              "snapshots": ["best"]},
-                             tc.keep_checkpoints, env.rank, with_dirs={"best": os.path.join(out, "best")})
-
-    is_cuda = env.device.type == "cuda"
-    pad_to = (dc.max_chunks, dc.max_tokens) if dc.pad_to_max else None
-    while state.step < total_steps and stop_reason is None:
-        if state.position + G > n:
+    # ---- one step
+    def epoch_order(self):
+        """This epoch's global order (world-size independent), advancing the epoch when it is used up."""
+        state, tc = self.state, self.tc
+        if state.position + self.G > self.n:
             state.epoch, state.position = state.epoch + 1, 0
-        if order_epoch != state.epoch:
-            order = epoch_order(n, state.epoch, tc.seed, lengths, tc.bucket_block)
-            order_epoch = state.epoch
-        log_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == total_steps
-        if is_cuda and log_step:
-            torch.cuda.synchronize()
-        t_step, c_step = time.perf_counter(), time.process_time()
-        host = [collate(train_ds, micro_batch(order, state.position, m, env.rank, W, B), pad_id, pad_to)
-                for m in range(A)]
-        real_tok = sum(batch_token_counts(b)[0] for b in host)
-        pad_tok = sum(batch_token_counts(b)[1] for b in host)
+        if self.order_epoch != state.epoch:
+            lengths = self.train_ds.lengths if tc.bucket_by_length else None
+            self.order = epoch_order(self.n, state.epoch, tc.seed, lengths, tc.bucket_block)
+            self.order_epoch = state.epoch
+        return self.order
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over grad_accum micro-batches of this rank's slice of the global batch."""
+        env, tc, dc, state = self.env, self.tc, self.cfg.data, self.state
+        order = self.epoch_order()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
+        pad_to = (dc.max_chunks, dc.max_tokens) if dc.pad_to_max else None
+        host = [collate(self.train_ds, micro_batch(order, state.position, m, env.rank, env.world_size,
+                                                   tc.batch_size), self.pad_id, pad_to) for m in range(tc.grad_accum)]
+        counts = [batch_token_counts(b) for b in host]
+        weights = self.class_weights
         if weights is None:
-            denom = torch.tensor(float(G), device=env.device)
+            denom = torch.tensor(float(self.G), device=env.device)
         else:  # weighted mean over the whole global batch, not per rank
             denom = sum(weights[b["labels"].to(env.device)].sum() for b in host)
             dist.all_reduce(denom)
         loss_sum = torch.zeros((), device=env.device)
         for m, hb in enumerate(host):
             batch = move_batch(hb, env.device)
-            with grad_sync(model, plan, sync=(m == A - 1)):
-                logits = run_model(model, batch)
+            with grad_sync(self.model, self.plan, sync=(m == tc.grad_accum - 1)):
+                logits = run_model(self.model, batch)
                 ls = F.cross_entropy(logits.float(), batch["labels"], weight=weights, reduction="sum")
-                (ls * W / denom).backward()  # DDP/FSDP average gradients over W ranks
+                (ls * env.world_size / denom).backward()  # DDP/FSDP average gradients over W ranks
             loss_sum += ls.detach()
-        grad_norm = clip_grad_norm(params, tc.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm(self.params, tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.position += G
-        if bar is not None:
-            bar.update(1)
-        if log_step:
-            # CPU seconds this step took in this process (all its threads), summed over ranks: throughput
-            # per CPU-second is what a shared machine's wall clock cannot show
-            cpu = time.process_time() - c_step
-            stats = torch.tensor([float(real_tok), float(pad_tok), cpu], device=env.device)
-            stats = torch.cat([loss_sum.reshape(1), stats])
-            dist.all_reduce(stats)
-            if is_cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t_step
-            loss = float(stats[0] / denom)
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "samples_per_s": G / dt, "tokens_per_s": float(stats[1]) / dt,
-                      "padded_tokens_per_s": float(stats[2]) / dt, "step_time_s": dt, "cpu_s": float(stats[3]),
-                      "elapsed_s": time.time() - t0}
-            mlog.write(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", sps=f"{G / dt:.1f}")
-        epoch_done = state.position + G > n
-        last = state.step == total_steps
-        if val_ds is not None and ((tc.eval_every and state.step % tc.eval_every == 0)
-                                   or (epoch_done and tc.eval_each_epoch) or last):
-            evaluate_now()
-        if all_reduce_max_flag(preempt.requested, env.device):
-            save(state)
-            if env.is_main:
-                requeue_under_slurm()
-            log.warning("preempted (%s): saved step %d, exiting", preempt.signal_name or "peer signal", state.step)
-            if bar is not None:
-                bar.close()
-            return None
-        if last or stop_reason or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
-            save(state)
-    if bar is not None:
-        bar.close()
-    if stop_reason:
-        log.info(stop_reason)
+        state.position += self.G
+        return StepStats(loss_sum, denom, sum(c[0] for c in counts), sum(c[1] for c in counts), grad_norm,
+                         t_start, cpu_start)
 
-    # ---- the consolidated artifact (collective gather, rank 0 writes)
-    final = os.path.join(out, "final")
-    best = os.path.join(out, "best")
-    use_best = tc.select_best and state.best_step is not None and os.path.isfile(os.path.join(best, WEIGHTS))
-    if tc.select_best and val_ds is not None and state.best_step is None:
-        log.warning("no evaluation gave a defined val %s: final/ holds the last step's weights", tc.metric)
-    sd = None if use_best else ckpt.full_state_dict(model)
-    if env.is_main:
-        if use_best:
+    def log_step(self, st: StepStats):
+        """Collective: the step's metrics record (loss over the global batch, throughput, CPU seconds)."""
+        env, is_cuda = self.env, self.env.device.type == "cuda"
+        # CPU seconds this step took in this process (all its threads), summed over ranks: throughput
+        # per CPU-second is what a shared machine's wall clock cannot show
+        cpu = time.process_time() - st.cpu_start
+        stats = torch.tensor([float(st.real_tokens), float(st.padded_tokens), cpu], device=env.device)
+        stats = torch.cat([st.loss_sum.reshape(1), stats])
+        dist.all_reduce(stats)
+        if is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - st.t_start
+        loss = float(stats[0] / st.denom)
+        self.mlog.write({"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
+                         "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(st.grad_norm),
+                         "samples_per_s": self.G / dt, "tokens_per_s": float(stats[1]) / dt,
+                         "padded_tokens_per_s": float(stats[2]) / dt, "step_time_s": dt, "cpu_s": float(stats[3]),
+                         "elapsed_s": time.time() - self.t0})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{self.G / dt:.1f}")
+
+    # ---- evaluation and checkpoints
+    def evaluate(self):
+        """Collective: score val on every rank, log it, keep best/ and count towards early stopping."""
+        tc, env, state, val_ds = self.tc, self.env, self.state, self.val_ds
+        _, _, probs = predict(self.model, val_ds, env.rank, env.world_size, env.device,
+                              tc.eval_batch_size or 2 * tc.batch_size, self.pad_id, progress=False)
+        metrics = compute_metrics(val_ds.enc.labels, probs, self.pre.class_names)
+        state.last_eval_step = state.step
+        self.mlog.write({"step": state.step, "epoch": state.epoch, "split": "val",
+                         **{k: v for k, v in metrics.items() if k != "classes"}})
+        value = _metric_key(self.cfg, metrics)
+        if not math.isfinite(value):
+            log.warning("eval step %d: val %s is undefined (%s; e.g. one class in the val split): not used for "
+                        "best-model selection or early stopping", state.step, tc.metric, value)
+        log.info("eval step %d: %s", state.step, " ".join(
+            f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc")
+            if isinstance(metrics.get(k), float)))
+        if improves(value, state.best_metric, tc.metric_mode):
+            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+            if tc.select_best:
+                self.save_model(self.best_dir)
+        elif math.isfinite(value):
+            state.evals_since_best += 1
+            if tc.early_stopping_patience and state.evals_since_best >= tc.early_stopping_patience:
+                self.stop_reason = f"early stopping: no {tc.metric} improvement in {state.evals_since_best} evaluations"
+
+    def save_model(self, path: str):
+        """Collective: gather the full weights, rank 0 writes the consolidated model folder."""
+        sd = ckpt.full_state_dict(self.model)
+        if self.env.is_main:
+            save_artifact(path, sd, self.spec, self.base_model, self.pre, self.tokenizer, self.cfg.to_dict())
+        dist.barrier()
+
+    def save(self):
+        """Collective: a checkpoint of the whole TrainState, the lr plan, the config and best/ as it is now."""
+        ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                             {**self.state.to_dict(), "lr_plan": self.lr_plan.to_dict(), "config": self.run_cfg,
+                              "snapshots": ["best"]},
+                             self.tc.keep_checkpoints, self.env.rank, with_dirs={"best": self.best_dir})
+
+    # ---- the run
+    def run(self) -> Optional[str]:
+        self.build_data()
+        self.build_model()
+        self.plan_steps()
+        self.restore()
+        self.write_run_files()
+        if self.env.is_main and self.tc.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+                            dynamic_ncols=True)
+        try:
+            if not self.loop(Preemption()):
+                return None
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        if self.stop_reason:
+            log.info(self.stop_reason)
+        return self.finalize()
+
+    def loop(self, preempt: Preemption) -> bool:
+        """Steps until the total or an early stop (True), or until a preemption saved the state (False)."""
+        tc, state, is_cuda = self.tc, self.state, self.env.device.type == "cuda"
+        while state.step < self.total_steps and self.stop_reason is None:
+            log_step = (state.step + 1) % tc.log_every == 0 or state.step + 1 == self.total_steps
+            if is_cuda and log_step:
+                torch.cuda.synchronize()
+            stats = self.train_step()
+            if self.bar is not None:
+                self.bar.update(1)
+            if log_step:
+                self.log_step(stats)
+            last = state.step == self.total_steps
+            if self.val_ds is not None and ((tc.eval_every and state.step % tc.eval_every == 0)
+                                            or (state.position + self.G > self.n and tc.eval_each_epoch) or last):
+                self.evaluate()
+            if all_reduce_max_flag(preempt.requested, self.env.device):
+                self.save()
+                if self.env.is_main:
+                    requeue_under_slurm()
+                log.warning("preempted (%s): saved step %d, exiting", preempt.signal_name or "peer signal", state.step)
+                return False
+            if last or self.stop_reason or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
+                self.save()
+        return True
+
+    def finalize(self) -> str:
+        """Collective: final/ is best/ (when selected) or the last weights, with train_summary.json."""
+        tc, state = self.tc, self.state
+        final = os.path.join(self.out, "final")
+        use_best = (tc.select_best and state.best_step is not None
+                    and os.path.isfile(os.path.join(self.best_dir, WEIGHTS)))
+        if tc.select_best and self.val_ds is not None and state.best_step is None:
+            log.warning("no evaluation gave a defined val %s: final/ holds the last step's weights", tc.metric)
+        if not use_best:
+            self.save_model(final)
+        elif self.env.is_main:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(best, tmp)
+            shutil.copytree(self.best_dir, tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-        else:
-            save_artifact(final, sd, spec, base_model, pre, tokenizer, cfg.to_dict())
-        with open(os.path.join(final, "train_summary.json"), "w") as f:
-            json.dump({"steps": state.step, "epochs": state.epoch, "best_step": state.best_step,
-                       "best_metric": state.best_metric, "metric": tc.metric, "world_size": W,
-                       "strategy": plan.strategy, "seconds": time.time() - t0}, f, indent=1)
-        which = f"best step {state.best_step}, {tc.metric}={state.best_metric:.4f}" if use_best else f"step {state.step}"
-        log.info("done in %.0fs: model (%s) saved to %s", time.time() - t0, which, final)
-    dist.barrier()
-    return final
+        if self.env.is_main:
+            with open(os.path.join(final, "train_summary.json"), "w") as f:
+                json.dump({"steps": state.step, "epochs": state.epoch, "best_step": state.best_step,
+                           "best_metric": state.best_metric, "metric": tc.metric, "world_size": self.env.world_size,
+                           "strategy": self.plan.strategy, "seconds": time.time() - self.t0}, f, indent=1)
+            which = (f"best step {state.best_step}, {tc.metric}={state.best_metric:.4f}" if use_best
+                     else f"step {state.step}")
+            log.info("done in %.0fs: model (%s) saved to %s", time.time() - self.t0, which, final)
+        dist.barrier()
+        return final

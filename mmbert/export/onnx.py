@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..artifact import read_model_config
 from ..errors import ArtifactError, MMBertError
 
 log = logging.getLogger("mmbert.export")
@@ -215,6 +214,8 @@ def _rows_from_run(model_dir: str, data: Optional[str], n: int):
         return df.iloc[:n], data, f"first rows of {data}"
     if not os.path.isfile(os.path.join(model_dir, "config.yaml")):
         return None
+    from ..artifact import read_model_config  # lazy, as every model import here: serving needs no torch
+
     d = read_model_config(model_dir).get("data") or {}  # one line, not a traceback, for a tampered file
     try:
         split = d.get("split") or {}
@@ -542,6 +543,7 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
     import torch
 
     from ..artifact import load_artifact
+
 
     say = say or (lambda msg: print(msg, flush=True))
     if exporter not in EXPORTERS:

@@ -20,35 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ----------------------------------------------------------------------------- data + model as train.py
 
 def build_data_and_model(cfg, pretrained: bool = True):
-    """(train dataset, model, spec, pad_id) built the way training/loop.py builds them."""
-    import torch
+    """(train dataset, model, spec, pad_id) built by the run assembly training uses."""
+    from mmbert.assembly import build_run_data, build_run_model, model_spec
 
-    from mmbert.artifact import build_model
-    from mmbert.data.pipeline import build_dataset, load_splits
-    from mmbert.data.preprocess import Preprocessor
-    from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
-
-    dc = cfg.data
-    splits = load_splits(dc)
-    tok = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
-    tr = splits["train"]
-    pre = Preprocessor.fit(tr.df, dc, cfg.model.encoder, tr.file)
-    ds = build_dataset(pre, tok, tr.df, tr.file, with_labels=True, name="train")
-    has_tab = bool(dc.numeric_columns or dc.categorical_columns)
-    spec = ModelSpec(fusion=effective_fusion(cfg.model.fusion, has_tab), hidden_dim=cfg.model.hidden_dim,
-                     num_heads=cfg.model.num_heads, dropout=cfg.model.dropout, pooling=cfg.model.pooling,
-                     num_numeric=len(pre.numeric_columns),
-                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=cfg.model.cat_embedding_dim, num_classes=pre.num_classes,
-                     encoder=cfg.model.encoder)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(spec, cfg.model.encoder, pretrained=pretrained,
-                        trust_remote_code=cfg.model.trust_remote_code, attention_dropout=cfg.model.attention_dropout)
-    if cfg.model.freeze_word_embeddings:
-        freeze_word_embeddings(model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return ds, model, spec, pad_id
+    data = build_run_data(cfg, with_val=False)
+    spec = model_spec(cfg, data.pre)
+    return data.train, build_run_model(cfg, spec, pretrained), spec, data.pad_id
 
 
 # ----------------------------------------------------------------------------- FLOPs

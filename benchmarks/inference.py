@@ -58,15 +58,17 @@ def main(argv=None):
     import onnxruntime as ort
     import torch
 
-    from mmbert.artifact import load_artifact
+    from mmbert.artifact import open_model_dir
     from mmbert.data.dataset import collate
     from mmbert.data.io import load_table, read_indices
     from mmbert.data.pipeline import build_dataset
-    from mmbert.export.onnx import OnnxScorer, export_onnx
+    from mmbert.export.onnx import export_onnx
+    from mmbert.scoring import batch_probabilities
+    from mmbert.serving import OnnxScorer
 
     torch.set_num_threads(a.threads)
-    model, pre, tok = load_artifact(a.model_dir)
-    model = model.float().eval()
+    md = open_model_dir(a.model_dir)
+    model, pre, tok = md.model.float().eval(), md.pre, md.tokenizer
     onnx_dir, tmp = a.onnx_dir, None
     if not onnx_dir or not all(os.path.isfile(os.path.join(onnx_dir, f)) for f in ("model.onnx", "model.int8.onnx")):
         tmp = tempfile.TemporaryDirectory(prefix="mmbert-onnx-")
@@ -80,12 +82,12 @@ def main(argv=None):
     table = load_table(a.data)
     df = table.iloc[read_indices(a.indices, len(table), a.data)[:a.rows]]
     ds = build_dataset(pre, tok, df, a.data, name="bench")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = md.pad_id
     labels = ds.enc.labels
 
     @torch.inference_mode()
     def torch_proba(b):
-        return torch.softmax(model.forward_batch(b).float(), -1).numpy()
+        return batch_probabilities(model, b)
 
     run = {"pytorch eager": torch_proba, **{k: v.predict_proba for k, v in engines.items()}}
     results = []

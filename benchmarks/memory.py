@@ -51,7 +51,7 @@ def worker(a):
     from mmbert.data.samplers import epoch_order, micro_batch
     from mmbert.distributed.env import cleanup, init_distributed
     from mmbert.distributed.parallel import clip_grad_norm, parallelize, resolve_plan
-    from mmbert.evaluation.predict import run_model
+    from mmbert.scoring import run_model
     from mmbert.training.optim import build_optimizer
     mark("imports")
 

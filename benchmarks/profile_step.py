@@ -60,7 +60,7 @@ def main():
     from mmbert.data.dataset import batch_token_counts, collate
     from mmbert.data.samplers import epoch_order, micro_batch
     from mmbert.distributed.parallel import clip_grad_norm
-    from mmbert.evaluation.predict import run_model
+    from mmbert.scoring import run_model
     from mmbert.training.optim import build_optimizer
 
     cfg, ds, model, pad_id = build(a.config, a.rows, a.max_chunks, a.max_tokens,

@@ -63,7 +63,7 @@ def test_metrics(labels_val, p_val, labels_test, p_test) -> dict:
     """The report row for one model from its val and test probabilities of the positive class."""
     from sklearn import metrics as M
 
-    from mmbert.evaluation.metrics import best_threshold_f1
+    from mmbert.metrics import best_threshold_f1
 
     best_f1, best_thr = best_threshold_f1(labels_test, p_test)
     _, val_thr = best_threshold_f1(labels_val, p_val)

@@ -52,20 +52,14 @@ MODES = {  # name -> extra train.py --set overrides
 
 def epoch_lengths(a):
     """Real token count of every train row as train.py tokenizes it (max_chunks 1: one chunk per row)."""
+    from mmbert.assembly import build_run_data
     from mmbert.config import load_config
-    from mmbert.data.pipeline import build_dataset, load_splits
-    from mmbert.data.preprocess import Preprocessor
-    from mmbert.data.tokenize import load_tokenizer
 
     over = [("data.max_tokens", a.max_tokens), ("data.max_chunks", 1)]
     if a.rows:
         over.append(("data.max_train_rows", a.rows))
     cfg = load_config(a.config, over)
-    tr = load_splits(cfg.data)["train"]
-    tok = load_tokenizer(cfg.model.encoder)
-    pre = Preprocessor.fit(tr.df, cfg.data, cfg.model.encoder, tr.file)
-    ds = build_dataset(pre, tok, tr.df, tr.file, with_labels=True, name="train")
-    return ds.lengths, cfg
+    return build_run_data(cfg, with_val=False).train.lengths, cfg
 
 
 def step_rows(lengths, mode: str, seed: int, step: int, a):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import FUSIONS, POOLINGS
+from .config import FUSIONS, POOLINGS, Config, config_from_dict
 from .data.preprocess import Preprocessor, is_int
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError, read_json_object
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
 from .models.text_encoder import position_limit
 
@@ -120,14 +121,8 @@ SPEC_FIELDS = {
 def read_spec(model_dir: str) -> ModelSpec:
     """model_spec.json with every field's type and range checked (one error naming the field)."""
     spec_path = os.path.join(model_dir, SPEC)
-    if not os.path.isfile(spec_path):
-        raise ArtifactError(f"{model_dir} is not an mmbert model directory: {SPEC} is missing")
-    try:
-        with open(spec_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{spec_path} is corrupted: {e}") from None
-    if not isinstance(raw, dict) or sorted(raw) != sorted(SPEC_FIELDS):
+    raw = read_json_object(spec_path, f"{model_dir} is not an mmbert model directory: {SPEC} is missing")
+    if sorted(raw) != sorted(SPEC_FIELDS):
         raise ArtifactError(f"{spec_path} is corrupted: expected the fields {', '.join(SPEC_FIELDS)}")
     for name, (ok, want) in SPEC_FIELDS.items():
         if not ok(raw[name]):
@@ -230,34 +225,59 @@ def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple
     return spec, pre
 
 
-def load_artifact(model_dir: str, trust_remote_code: bool = False):
-    """Rebuild (model in eval mode, preprocessor, tokenizer) from a model directory. Only JSON and
-    safetensors are read: a pickle placed in the directory is never loaded."""
+@dataclass
+class ModelDir:
+    """A re-opened model directory: everything scoring raw rows needs, and the run's typed config."""
+    path: str
+    spec: ModelSpec
+    pre: Preprocessor
+    tokenizer: object
+    model: MultimodalClassifier  # float weights, eval mode, on the CPU
+
+    @property
+    def pad_id(self) -> int:
+        from .data.tokenize import pad_id
+
+        return pad_id(self.tokenizer)
+
+    def config(self) -> Config:
+        return read_run_config(self.path)
+
+
+def open_model_dir(model_dir: str, trust_remote_code: bool = False) -> ModelDir:
+    """Rebuild a model directory: every file checked against the others first (validate_model_dir), then
+    the weights. Only JSON, YAML (safe_load) and safetensors are read: a pickle placed in the directory is
+    never loaded, and no remote code runs unless trust_remote_code."""
+    from .data.tokenize import load_tokenizer
+
     spec, pre = validate_model_dir(model_dir, trust_remote_code)
     weights = load_weights(os.path.join(model_dir, WEIGHTS))
     model = build_model(spec, None, pretrained=False, trust_remote_code=trust_remote_code,
                         encoder_config_dir=os.path.join(model_dir, "encoder"))
     model.load_state_dict(weights, strict=True)  # names and shapes were checked against the header
     model.eval()
-    from .data.tokenize import load_tokenizer
-
     tok_dir = os.path.join(model_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else pre.tokenizer, trust_remote_code)
-    return model, pre, tokenizer
+    return ModelDir(model_dir, spec, pre, tokenizer, model)
 
 
-def read_model_config(model_dir: str) -> dict:
-    """MODEL_DIR/config.yaml as plain YAML (safe_load: no objects are constructed)."""
+def read_run_config(model_dir: str) -> Config:
+    """MODEL_DIR/config.yaml (the config training ran with) through the typed config: the same keys and
+    defaults training saw, so its splits are re-selected by the same function. No cross-key validation: a
+    recorded resume path may be gone. A missing or tampered file is one ArtifactError naming it."""
     import yaml
 
     path = os.path.join(model_dir, "config.yaml")
     if not os.path.isfile(path):
-        raise ArtifactError(f"{path} not found: give --data (and --indices) explicitly")
+        raise ArtifactError(f"{path} not found: give the data (--data, and --indices) explicitly")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+    if not isinstance(raw, dict):
         raise ArtifactError(f"{path} does not hold a training config (sections data, model, train, dist)")
-    return raw
+    try:
+        return config_from_dict(raw, check=False)
+    except ConfigError as e:
+        raise ArtifactError(f"{path}: {e}") from None

@@ -15,6 +15,7 @@ from .errors import ConfigError
 FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
 STRATEGIES = ("fsdp", "ddp", "none")
 POOLINGS = ("pooler", "cls", "mean")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
@@ -110,6 +111,9 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     progress_bar: bool = True
     deterministic: bool = False
+    # Experiment trackers that also get every metrics.jsonl record, on rank 0 (mmbert/training/tracking.py):
+    # tensorboard (event files in OUTPUT_DIR/tensorboard), wandb, mlflow (optional installs), or none.
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -221,6 +225,17 @@ def _build(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _parse_scalar(text: str):
     """A --set value is parsed as YAML, so `4`, `1e-4`, `true`, `null`, `[a, b]` work."""
     try:
@@ -239,9 +254,47 @@ def _set_path(raw: dict, dotted: str, value):
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None) -> Config:
-    raw: dict = {}
+# Configs shipped inside the package (with the data they train on): usable by name from an installed mmbert,
+# e.g. `mmbert train --config womens_clothing`.
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+SPLIT_PATH_KEYS = ("train_indices", "val_indices", "test_indices", "train_file", "val_file", "test_file")
+
+
+def packaged_configs() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PACKAGED_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config_path(path: str) -> str:
+    """A config file as given, or the packaged config of that name."""
+    if os.path.isfile(path) or os.sep in path or path.endswith((".yaml", ".yml")):
+        return path
+    named = os.path.join(PACKAGED_DIR, path + ".yaml")
+    if os.path.isfile(named):
+        return named
+    raise ConfigError(f"config file not found: {path} (packaged configs: {', '.join(packaged_configs())})")
+
+
+def _anchor_packaged_paths(raw: dict, path: str):
+    """A packaged config's relative data paths resolve against the current directory (a clone's data/), else
+    against the package's own copy: the config then trains from any directory."""
+    if not os.path.realpath(path).startswith(os.path.realpath(PACKAGED_DIR) + os.sep):
+        return
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    split = data.get("split") if isinstance(data.get("split"), dict) else {}
+    for section, key in [(data, "path"), *((split, k) for k in SPLIT_PATH_KEYS)]:
+        v = section.get(key)
+        if isinstance(v, str) and not os.path.isabs(v) and not os.path.exists(v):
+            section[key] = os.path.join(os.path.dirname(os.path.realpath(path)), v)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None,
+                base: Optional[dict] = None) -> Config:
+    """The config of a YAML file (or `base`, a mapping of sections) with dotted-key overrides applied."""
+    import copy
+
+    raw: dict = copy.deepcopy(base) if base else {}
     if path:
+        path = resolve_config_path(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -251,6 +304,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, 
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, dist)")
+        _anchor_packaged_paths(raw, path)
     for key, value in overrides or []:
         if "." not in key:
             raise ConfigError(f"--set {key}: use section.key=value (sections: data, model, train, dist)")
@@ -260,9 +314,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, 
     return cfg
 
 
-def config_from_dict(raw: dict) -> Config:
+def config_from_dict(raw: dict, check: bool = True) -> Config:
+    """A Config from a mapping of sections; `check=False` types every key but skips cross-key validation."""
     cfg = _build(Config, raw)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -326,5 +382,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.split: give train_indices or train_file, not both")
     if cfg.dist.sharding and cfg.dist.strategy not in (None, "fsdp"):
         raise ConfigError(f"config key 'dist.sharding' only applies to strategy fsdp, not '{cfg.dist.strategy}'")
+    bad = [v for v in t.report_to if v not in REPORT_TO]
+    if bad:
+        raise ConfigError(f"config key 'train.report_to': {bad[0]!r} is not one of {', '.join(REPORT_TO)}")
+    if "none" in t.report_to and len(set(t.report_to)) > 1:
+        raise ConfigError(f"config key 'train.report_to': 'none' cannot be combined with trackers, got {t.report_to}")
     if t.resume not in (None, "auto") and not os.path.isdir(t.resume):
         raise ConfigError(f"config key 'train.resume': '{t.resume}' is neither 'auto' nor a checkpoint directory")

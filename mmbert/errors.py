@@ -24,6 +24,23 @@ class ArtifactError(MMBertError):
     pass
 
 
+def read_json_object(path: str, missing: str) -> dict:
+    """A JSON object from a file a user may have damaged: ArtifactError naming the file (`missing` when it is
+    absent), never a JSON or Unicode traceback."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ArtifactError(missing)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path} is corrupted: not a JSON object")
+    return raw
+
+
 def run_main(main):
     """Wrap an entry point: MMBertError -> one line on stderr, exit 2; --debug shows tracebacks."""
 

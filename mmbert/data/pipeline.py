@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,11 +18,16 @@ from .tokenize import chunk_tokenize
 log = logging.getLogger("mmbert.main")  # identical on every rank: reported once, by rank 0
 
 
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = [0.8, 0.1, 0.1]
+
+
 @dataclass
 class Split:
     name: str
-    df: pd.DataFrame  # index = 0-based row number in `file`
+    df: pd.DataFrame  # index = 0-based row number in `file`; row order = the split's order
     file: str
+    description: str = ""
 
 
 def _required_columns(d) -> list[str]:
@@ -40,41 +46,54 @@ def check_columns(df: pd.DataFrame, cols: list[str], file: str):
 
 
 def fraction_split(n: int, fractions: Optional[list[float]], seed: int) -> dict[str, np.ndarray]:
-    """Sorted row numbers of the non-empty train/val/test parts of a shuffled `n`-row file (also used by
-    evaluate.py --split to recover a split from a model's config.yaml)."""
-    fr = fractions or [0.8, 0.1, 0.1]
+    """Sorted row numbers of the non-empty train/val/test parts of a shuffled `n`-row file."""
+    fr = fractions or DEFAULT_FRACTIONS
     perm = np.random.default_rng(seed).permutation(n)
     bounds = np.round(np.cumsum(fr) * n).astype(int)
     starts = [0, *bounds[:-1]]
-    return {name: np.sort(perm[a:b]) for name, a, b in zip(("train", "val", "test"), starts, bounds) if b > a}
+    return {name: np.sort(perm[a:b]) for name, a, b in zip(SPLITS, starts, bounds) if b > a}
+
+
+def recorded_path(path: str, key: str, source: Optional[str]) -> str:
+    """A path the config records. Re-opened from a run's config.yaml (`source`), a missing one is named with
+    the key and file it came from: relative paths resolve against the directory training ran in."""
+    if source and not os.path.exists(path):
+        raise DataError(f"{path} (from '{key}' in {source}) not found; relative paths are relative to the directory "
+                        f"training ran in: run from there, or give the data explicitly")
+    return path
+
+
+def select_splits(d, names=SPLITS, source: Optional[str] = None) -> dict[str, Split]:
+    """The rows of each split in `names` that the data config records: separate files, index files into
+    data.path, or shuffled fractions (with a seed) of data.path. The one place a split is chosen: training,
+    evaluate.py --split and export's verification rows (through the run's typed config.yaml) all call it,
+    so they see the same rows. Splits the config does not record (or leaves empty) are absent."""
+    s = d.split
+    ids = [d.id_column] if d.id_column else []  # read as text: the same ids evaluation writes back
+    if s.train_file:
+        files = {n: getattr(s, f"{n}_file") for n in names if getattr(s, f"{n}_file")}
+        return {n: Split(n, load_table(recorded_path(f, f"data.split.{n}_file", source), ids), f, f"split {n} ({f})")
+                for n, f in files.items()}
+    if not d.path:
+        raise ConfigError("config key 'data.path' is not set (or give data.split.train_file)")
+    path = recorded_path(d.path, "data.path", source)
+    table = load_table(path, ids)
+    if s.train_indices:
+        files = {n: getattr(s, f"{n}_indices") for n in names if getattr(s, f"{n}_indices")}
+        return {n: Split(n, table.iloc[read_indices(recorded_path(f, f"data.split.{n}_indices", source), len(table),
+                                                    path)], path, f"split {n} ({f})") for n, f in files.items()}
+    fr = s.fractions or DEFAULT_FRACTIONS
+    return {n: Split(n, table.iloc[rows], path, f"split {n} (fractions {fr}, seed {s.seed})")
+            for n, rows in fraction_split(len(table), fr, s.seed).items() if n in names}
 
 
 def load_splits(d) -> dict[str, Split]:
-    s = d.split
+    """Training's splits: every configured column present, a non-empty train split, and the
+    data.max_train_rows / max_eval_rows limits applied."""
+    splits = select_splits(d)
     need = _required_columns(d)
-    ids = [d.id_column] if d.id_column else []  # read as text: the same ids evaluation writes back
-    splits: dict[str, Split] = {}
-    if s.train_file:
-        for name in ("train", "val", "test"):
-            f = getattr(s, f"{name}_file")
-            if f:
-                df = load_table(f, ids)
-                check_columns(df, need, f)
-                splits[name] = Split(name, df, f)
-    else:
-        if not d.path:
-            raise ConfigError("config key 'data.path' is not set (or give data.split.train_file)")
-        df = load_table(d.path, ids)
-        check_columns(df, need, d.path)
-        n = len(df)
-        if s.train_indices:
-            for name in ("train", "val", "test"):
-                f = getattr(s, f"{name}_indices")
-                if f:
-                    splits[name] = Split(name, df.iloc[read_indices(f, n, d.path)], d.path)
-        else:
-            for name, rows in fraction_split(n, s.fractions, s.seed).items():
-                splits[name] = Split(name, df.iloc[rows], d.path)
+    for sp in splits.values():
+        check_columns(sp.df, need, sp.file)
     if "train" not in splits or len(splits["train"].df) == 0:
         raise DataError("the train split is empty")
     for name, limit in (("train", d.max_train_rows), ("val", d.max_eval_rows), ("test", d.max_eval_rows)):

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from ..errors import ArtifactError, ConfigError, DataError
+from ..errors import ArtifactError, ConfigError, DataError, read_json_object
 
 FORMAT_VERSION = 1
 # Numeric values beyond float32's range are infinite for the model: they count as infinite (-> missing).
@@ -279,15 +279,7 @@ class Preprocessor:
 
     @classmethod
     def load(cls, path: str) -> "Preprocessor":
-        if not os.path.isfile(path):
-            raise ArtifactError(f"preprocessing file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
-        if not isinstance(raw, dict):
-            raise ArtifactError(f"{path} does not hold a preprocessing object")
+        raw = read_json_object(path, f"preprocessing file not found: {path}")
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:

@@ -50,6 +50,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise ArtifactError(f"cannot load tokenizer '{name_or_path}'{hint}: {str(e).splitlines()[0]}") from None
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads token arrays (0 for a tokenizer without a pad token, e.g. GPT-style ones)."""
+    pid = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return 0 if pid is None else int(pid)
+
+
 def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int) -> tuple[list[list[np.ndarray]], int]:
     """Returns per text a list of int32 token arrays (each [CLS] ... [SEP]) and how many texts were cut
     at max_chunks. An empty text gives one chunk [CLS] [SEP], so every row has at least one chunk."""

@@ -191,7 +191,8 @@ def _keep_layernorms_fp32(model: nn.Module, common: dict):
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
-    model.to(env.device)
+    if not any(p.is_meta for p in model.parameters()):  # meta: a plan (benchmarks/plan.py), shapes only
+        model.to(env.device)
     if plan.strategy == "fsdp":
         return apply_fsdp(model, plan, env)
     if plan.strategy == "ddp":

@@ -36,41 +36,45 @@ def _one_vs_rest(labels: np.ndarray, probs: np.ndarray, class_names: list[str]):
     return [(class_names[j], labels == j, probs[:, j]) for j in range(k) if 0 < (labels == j).sum() < len(labels)]
 
 
-def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str):
-    from sklearn.metrics import auc, roc_curve
-
+def _curves(labels, probs, class_names, draw, title: str, xlabel: str, ylabel: str, legend: str):
+    """One curve per class (one-vs-rest beyond two classes), or a note when only one class is present."""
     fig = _figure()
     ax = fig.add_subplot()
     curves = _one_vs_rest(labels, probs, class_names)
     for name, y, s in curves:
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        draw(ax, name, y, s)
     if not curves:
         ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title="ROC curve" + (" (one-vs-rest)" if probs.shape[1] > 2 else ""))
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=xlabel, ylabel=ylabel,
+           title=title + (" (one-vs-rest)" if probs.shape[1] > 2 else ""))
     if curves:
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc=legend, fontsize="small")
+    return fig, ax
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str):
+    from sklearn.metrics import auc, roc_curve
+
+    def draw(ax, name, y, s):
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+
+    fig, ax = _curves(labels, probs, class_names, draw, "ROC curve", "false positive rate",
+                      "true positive rate", "lower right")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey")
     _save(fig, path)
 
 
 def plot_pr(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str):
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    fig = _figure()
-    ax = fig.add_subplot()
-    curves = _one_vs_rest(labels, probs, class_names)
-    for name, y, s in curves:
+    def draw(ax, name, y, s):
         prec, rec, _ = precision_recall_curve(y, s)
         line, = ax.plot(rec, prec, lw=1.5, label=f"{name} (AP {average_precision_score(y, s):.3f})")
         ax.axhline(y.mean(), ls=":", lw=1, color=line.get_color())  # a random classifier's precision
-    if not curves:
-        ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
-           title="precision-recall curve" + (" (one-vs-rest)" if probs.shape[1] > 2 else ""))
-    if curves:
-        ax.legend(loc="lower left", fontsize="small")
+
+    fig, _ = _curves(labels, probs, class_names, draw, "precision-recall curve", "recall", "precision",
+                     "lower left")
     _save(fig, path)
 
 

@@ -28,17 +28,18 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from ..artifact import read_model_config
-from ..cli import _Parser
+from ..artifact import open_model_dir, read_run_config
 from ..data.dataset import TableDataset
 from ..data.io import load_table, read_indices
-from ..data.pipeline import build_dataset, fraction_split
+from ..data.pipeline import build_dataset, recorded_path, select_splits
+from ..data.tokenize import pad_id
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..errors import ArtifactError, ConfigError, DataError, MMBertError
-from .metrics import compute_metrics, per_class_report, summary_table
+from ..metrics import compute_metrics, per_class_report, summary_table
+from ..scoring import Scorer, predict, torch_scorer
+from ..serving import OnnxScorer
 from .plots import ALL as PLOT_FILES
 from .plots import write_plots
-from .predict import Scorer, predict, torch_scorer
 
 log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat: rank 0 only
@@ -46,49 +47,6 @@ main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat:
 PREDICTIONS = "predictions.tsv"
 METRICS = "metrics.json"
 RANK_FILE = "test_result_rank{}.tsv"
-SPLITS = ("train", "val", "test")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def build_eval_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description="Evaluate (labelled data) or predict (unlabelled data) with a "
-                                                "trained model directory, on one process or many.")
-    p.add_argument("--model-dir", help="a model directory written by train.py (RUN/final or RUN/best); "
-                                       "optional with --onnx (then the export folder is used)")
-    p.add_argument("--onnx", metavar="FILE", help="score with onnxruntime through an exported model (export.py "
-                                                 "output: model.onnx, model.int8.onnx or its folder) instead of PyTorch")
-    p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
-    rows = p.add_mutually_exclusive_group()
-    rows.add_argument("--split", choices=SPLITS,
-                      help="score the rows of this training split, as recorded in MODEL_DIR/config.yaml "
-                           "(index file, split file, or fractions + seed)")
-    rows.add_argument("--indices", metavar="FILE", help="score these rows of --data (one 0-based row index per line), "
-                                                        "in the order listed")
-    p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
-    p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")
-    p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout in seconds (default 1800)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def parse_eval_args(argv) -> argparse.Namespace:
-    args = build_eval_parser().parse_args(argv)
-    for name in ("batch_size", "max_rows", "num_threads", "timeout_s"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"evaluate.py: --{name.replace('_', '-')} must be >= 1, got {v}")
-    if not args.model_dir and not args.onnx:
-        raise ConfigError("evaluate.py: give --model-dir (a trained model) or --onnx (an exported one)")
-    if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
-        args.model_dir = args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))
-    return args
 
 
 # ----------------------------------------------------------------------------- scorer (the pluggable part)
@@ -96,11 +54,9 @@ def parse_eval_args(argv) -> argparse.Namespace:
 def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
     """(scorer, preprocessor, tokenizer) from the model directory: the consolidated safetensors weights
     in a plain model on this rank's device."""
-    from ..artifact import load_artifact
-
-    model, pre, tokenizer = load_artifact(args.model_dir, args.trust_remote_code)
-    model.to(env.device)
-    return torch_scorer(model, env.device), pre, tokenizer
+    md = open_model_dir(args.model_dir, args.trust_remote_code)
+    md.model.to(env.device)
+    return torch_scorer(md.model, env.device), md.pre, md.tokenizer
 
 
 # A scorer loader returns (batch -> probabilities callable, Preprocessor, tokenizer); run_evaluation takes
@@ -113,8 +69,6 @@ def load_onnx_scorer(args: argparse.Namespace, env: DistEnv):
     and tokenizer shipped beside the ONNX file (the same ones the served model uses)."""
     import torch
 
-    from ..export.onnx import OnnxScorer
-
     s = OnnxScorer(args.onnx, threads=torch.get_num_threads())
     return s.predict_proba, s.preprocessor, s.tokenizer
 
@@ -126,15 +80,6 @@ def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
 
 
 # ----------------------------------------------------------------------------- which rows
-
-def _config_path(value, key: str, cfg_file: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ArtifactError(f"{cfg_file}: '{key}' is not a path: {value!r}")
-    if not os.path.exists(value):
-        raise DataError(f"{value} (from '{key}' in {cfg_file}) not found; relative paths are relative to the "
-                        f"directory training ran in: run from there, or give --data/--indices explicitly")
-    return value
-
 
 @dataclass
 class Selection:
@@ -157,47 +102,45 @@ def id_column_hint(args: argparse.Namespace) -> list[str]:
     return [name] if isinstance(name, str) else []
 
 
+def split_rows(args: argparse.Namespace) -> Selection:
+    """--split NAME: the rows training put in that split, chosen by the function training used
+    (select_splits) from the run's typed config.yaml; --data replaces data.path (not a separate split file)."""
+    name, cfg_file = args.split, os.path.join(args.model_dir, "config.yaml")
+    d = read_run_config(args.model_dir).data
+    d.id_column = (id_column_hint(args) or [None])[0]
+    recorded = getattr(d.split, f"{name}_file")
+    if args.data and recorded and os.path.abspath(args.data) != os.path.abspath(recorded):
+        raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({recorded}); "
+                          f"drop --data, or give --data without --split")
+    if args.data and not d.split.train_file:
+        d.path = args.data
+    sp = select_splits(d, [name], source=cfg_file).get(name)
+    if sp is None:
+        raise ConfigError(f"--split {name}: {cfg_file} records no {name} split (or its fractions leave it empty)")
+    return Selection(sp.df, sp.file, sp.description)
+
+
 def select_rows(args: argparse.Namespace) -> Selection:
-    cfg_file = os.path.join(args.model_dir, "config.yaml")
-    ids = id_column_hint(args)
-    data = args.data
-    if args.split or not data:
-        dcfg = read_model_config(args.model_dir).get("data") or {}
-    if not data and not (args.split and (dcfg.get("split") or {}).get(f"{args.split}_file")):
-        data = _config_path(dcfg.get("path"), "data.path", cfg_file)
     if args.split:
-        s = dcfg.get("split") or {}
-        name = args.split
-        if s.get(f"{name}_file"):
-            f = _config_path(s[f"{name}_file"], f"data.split.{name}_file", cfg_file)
-            if args.data and os.path.abspath(args.data) != os.path.abspath(f):
-                raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({f}); "
-                                  f"drop --data, or give --data without --split")
-            df, desc = load_table(f, ids), f"split {name} (file)"
-            data = f
-        elif s.get(f"{name}_indices"):
-            idx_file = _config_path(s[f"{name}_indices"], f"data.split.{name}_indices", cfg_file)
-            table = load_table(data, ids)
-            df, desc = table.iloc[read_indices(idx_file, len(table), data)], f"split {name} ({idx_file})"
-        elif s.get("train_indices") or s.get("train_file"):
-            raise ConfigError(f"--split {name}: {cfg_file} records no {name} split")
-        else:
-            table = load_table(data, ids)
-            parts = fraction_split(len(table), s.get("fractions"), int(s.get("seed") or 0))
-            if name not in parts:
-                raise ConfigError(f"--split {name}: the fractions {s.get('fractions')} in {cfg_file} leave it empty")
-            fractions = s.get("fractions") or [0.8, 0.1, 0.1]
-            df, desc = table.iloc[parts[name]], f"split {name} (fractions {fractions}, seed {s.get('seed') or 0})"
-    elif args.indices:
-        table = load_table(data, ids)
-        df, desc = table.iloc[read_indices(args.indices, len(table), data)], f"rows of {args.indices}"
+        sel = split_rows(args)
     else:
-        df, desc = load_table(data, ids), "all rows"
-    if args.max_rows is not None and len(df) > args.max_rows:
-        df, desc = df.iloc[:args.max_rows], f"{desc}, first {args.max_rows}"
-    if len(df) == 0:
-        raise DataError(f"{data}: no rows selected ({desc})")
-    return Selection(df, data, desc)
+        data = args.data
+        if not data:
+            cfg_file = os.path.join(args.model_dir, "config.yaml")
+            data = read_run_config(args.model_dir).data.path
+            if not data:
+                raise ConfigError(f"{cfg_file} records no data.path (the run used split files): give --data or --split")
+            recorded_path(data, "data.path", cfg_file)
+        table = load_table(data, id_column_hint(args))
+        if args.indices:
+            sel = Selection(table.iloc[read_indices(args.indices, len(table), data)], data, f"rows of {args.indices}")
+        else:
+            sel = Selection(table, data, "all rows")
+    if args.max_rows is not None and len(sel.df) > args.max_rows:
+        sel = Selection(sel.df.iloc[:args.max_rows], sel.file, f"{sel.description}, first {args.max_rows}")
+    if len(sel.df) == 0:
+        raise DataError(f"{sel.file}: no rows selected ({sel.description})")
+    return sel
 
 
 # ----------------------------------------------------------------------------- output files
@@ -235,11 +178,12 @@ def stage_tsv(df: pd.DataFrame, path: str) -> str:
         if df[c].dtype.kind == "f":  # the shortest float64 that is the float32 (%.9g round-trips float32):
             df[c] = np.char.mod("%.9g", df[c].to_numpy()).astype(np.float64)  # written bare, not as text
     tmp = path + ".tmp"
-    df.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    df.to_csv(tmp, sep="," if path.endswith(".csv") else "\t", index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
     return tmp
 
 
 def write_tsv(df: pd.DataFrame, path: str):
+    """Written whole or not at all; comma-separated when `path` ends with .csv."""
     os.replace(stage_tsv(df, path), path)
 
 
@@ -355,8 +299,7 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
                  "" if labelled else f" | no label column '{pre.label_column}': prediction run",
                  args.onnx or args.model_dir, env.world_size, "es" if env.world_size > 1 else "", env.device)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id,
+    own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id(tokenizer),
                                     progress=env.is_main and not args.no_progress, scorer=scorer,
                                     num_classes=pre.num_classes)
     check_scores(probs, ds, pre.num_classes, pre.classes, args.onnx or args.model_dir)

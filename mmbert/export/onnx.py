@@ -1,15 +1,7 @@
-"""ONNX export of a consolidated model directory, verified with onnxruntime, and an onnxruntime scorer.
+"""ONNX export of a consolidated model directory, verified with onnxruntime against PyTorch.
 
-The exported graph maps the collated tensors straight to class probabilities (softmax included):
-
-    input_ids       int64   batch x chunks x tokens     (absent for tab_only)
-    attention_mask  int64   batch x chunks x tokens     (absent for tab_only)
-    numeric         float32 batch x N                   (absent without numeric columns or for text_only)
-    missing         float32 batch x N                   (idem; 1.0 where the value was missing)
-    categorical     int64   batch x K                   (absent without categorical columns or for text_only)
-    -> probabilities float32 batch x num_classes
-
-Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
+The exported graph maps the collated tensors straight to class probabilities (softmax included); its inputs
+are listed in mmbert/serving.py, which serves the export. Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
 preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, inputs, verification, int8
 settings and drift). It holds one export: export.py writes into a new or empty folder, or replaces an earlier
 export (recognised by its manifest) whole; any other non-empty folder is refused.
@@ -17,7 +9,6 @@ export (recognised by its manifest) whole; any other non-empty folder is refused
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -30,17 +21,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import serving
 from ..errors import ArtifactError, MMBertError
+from ..serving import INPUTS, MANIFEST, OUTPUT, first_line, sha256
 
 log = logging.getLogger("mmbert.export")
 
-INPUTS = ("input_ids", "attention_mask", "numeric", "missing", "categorical")
-OUTPUT = "probabilities"
-MANIFEST = "onnx_manifest.json"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_OPSET = 17
-_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(int32)": np.int32,
-           "tensor(double)": np.float64}
 
 
 def input_names_for(spec) -> list[str]:
@@ -61,22 +49,11 @@ def int8_path(output: str) -> str:
     return stem + ".int8.onnx"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 # --------------------------------------------------------------------------------------------- export
 def _wrapper(model, names: list[str]):
     import torch
+
+    from ..models.classifier import probabilities
 
     class ProbabilityModel(torch.nn.Module):
         """Keyword inputs named as in the ONNX graph -> softmax probabilities.
@@ -99,8 +76,7 @@ def _wrapper(model, names: list[str]):
                 attention_mask = torch.cat([attention_mask, attention_mask.new_zeros((B, 1, T))], dim=1)
                 chunk_index = torch.nonzero(attention_mask[:, :, 0].reshape(-1) > 0).squeeze(1)
                 torch._check(chunk_index.numel() < B * (C + 1))
-            logits = self.inner(input_ids, attention_mask, numeric, missing, categorical, chunk_index)
-            return torch.softmax(logits.float(), dim=-1)
+            return probabilities(self.inner(input_ids, attention_mask, numeric, missing, categorical, chunk_index))
 
     return ProbabilityModel(model).eval()
 
@@ -171,76 +147,30 @@ def _quiet_loggers(on: bool):
             lg.setLevel(lv)
 
 
-def _session(path: str, threads: Optional[int] = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph ...)
-        raise ArtifactError(f"{path} is not a loadable ONNX model (truncated or corrupted?): {_first_line(e)}") \
-            from None
-
-
-def _feeds(session, batch: dict) -> dict:
-    feeds = {}
-    for i in session.get_inputs():
-        if i.name not in batch:
-            raise ArtifactError(f"the ONNX model needs input '{i.name}', which the batch does not have")
-        v = batch[i.name]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        feeds[i.name] = np.ascontiguousarray(v, dtype=_DTYPES.get(i.type, v.dtype))
-    return feeds
-
-
-def _torch_probs(model, batch: dict) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return torch.softmax(model.forward_batch(batch).float(), dim=-1).numpy()
-
-
 # ------------------------------------------------------------------------------- verification rows
 def _rows_from_run(model_dir: str, data: Optional[str], n: int):
     """(DataFrame, file, description) of held-out rows to verify on, or None when no data can be found:
-    --data if given, else the val/test split recorded in the model directory's config.yaml."""
-    from ..data.io import load_table, read_indices
+    --data if given, else the run's val (or test) split, selected from its typed config.yaml by the same
+    function training used."""
+    from ..artifact import read_run_config  # lazy, as every model import here
+    from ..data.io import load_table
+    from ..data.pipeline import select_splits
 
     if data:
-        df = load_table(data)
-        return df.iloc[:n], data, f"first rows of {data}"
+        return load_table(data).iloc[:n], data, f"first rows of {data}"
     if not os.path.isfile(os.path.join(model_dir, "config.yaml")):
         return None
-    from ..artifact import read_model_config  # lazy, as every model import here: serving needs no torch
-
-    d = read_model_config(model_dir).get("data") or {}  # one line, not a traceback, for a tampered file
+    cfg_file = os.path.join(model_dir, "config.yaml")
+    data_cfg = read_run_config(model_dir).data  # a tampered config.yaml is an error, not a reason to guess
     try:
-        split = d.get("split") or {}
-        for key in ("val_file", "test_file"):
-            if split.get(key) and os.path.exists(split[key]):
-                df = load_table(split[key])
-                return df.iloc[:n], split[key], f"{key.split('_')[0]} split ({split[key]})"
-        path = d.get("path")
-        if not path or not os.path.exists(path):
-            return None
-        df = load_table(path)
-        for key in ("val_indices", "test_indices"):
-            if split.get(key) and os.path.exists(split[key]):
-                idx = read_indices(split[key], len(df), path)[:n]
-                return df.iloc[idx], path, f"{key.split('_')[0]} split of {path}"
-        if split.get("fractions") or not split.get("train_indices"):
-            fr = split.get("fractions") or [0.8, 0.1, 0.1]
-            perm = np.random.default_rng(split.get("seed", 0)).permutation(len(df))
-            start = int(round(fr[0] * len(df)))
-            idx = np.sort(perm[start:])[:n] if start < len(df) else np.arange(min(n, len(df)))
-            return df.iloc[idx], path, f"held-out rows of {path}"
-        return df.iloc[:n], path, f"first rows of {path}"
+        splits = select_splits(data_cfg, ("val", "test"), source=cfg_file)
     except MMBertError as e:
         log.warning("cannot read the run's data for verification (%s): using synthetic rows", e)
         return None
+    for sp in splits.values():
+        if len(sp.df):
+            return sp.df.iloc[:n], sp.file, sp.description
+    return None
 
 
 def _synthetic_batches(spec, tokenizer, pad_id: int) -> list[dict]:
@@ -274,11 +204,12 @@ def verification_batches(model_dir: str, spec, pre, tokenizer, data: Optional[st
     Returns (batches, description of the rows)."""
     import torch
 
+    from ..data import tokenize as tokenization
     from ..data.dataset import TableDataset, collate
     from ..data.pipeline import build_dataset
     from ..data.tokenize import chunk_tokenize
 
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = tokenization.pad_id(tokenizer)
     got = _rows_from_run(model_dir, data, rows)
     if got is None:
         return _synthetic_batches(spec, tokenizer, pad_id), "synthetic rows (the run's data was not found)"
@@ -310,14 +241,16 @@ def verification_batches(model_dir: str, spec, pre, tokenizer, data: Optional[st
 
 def compare(session, model, batches: list[dict]) -> list[dict]:
     """Per batch: its shape and the max |p_onnx - p_torch| (inf when either side is not finite)."""
+    from ..scoring import batch_probabilities
+
     out = []
     for b in batches:
-        ref = _torch_probs(model, b)
+        ref = batch_probabilities(model, b)
         try:
-            got = session.run([OUTPUT], _feeds(session, b))[0]
+            got = session.run([OUTPUT], serving.feeds(session, b))[0]
         except Exception as e:  # e.g. a shape the trace baked in as a constant
             raise ArtifactError(f"onnxruntime fails on inputs of shape {list(b['input_ids'].shape) if 'input_ids' in b else ''}: "
-                                f"{_first_line(e)}") from None
+                                f"{first_line(e)}") from None
         ok = np.isfinite(got).all() and np.isfinite(ref).all() and got.shape == ref.shape
         diff = float(np.abs(got - ref).max()) if ok else float("inf")
         out.append({"shape": list(b["input_ids"].shape) if "input_ids" in b else [len(b["numeric"])],
@@ -326,11 +259,11 @@ def compare(session, model, batches: list[dict]) -> list[dict]:
 
 
 def _rows_per_second(session, batch: dict, seconds: float = 1.5) -> float:
-    feeds = _feeds(session, batch)
-    session.run([OUTPUT], feeds)
+    fd = serving.feeds(session, batch)
+    session.run([OUTPUT], fd)
     n, t0 = 0, time.perf_counter()
     while True:
-        session.run([OUTPUT], feeds)
+        session.run([OUTPUT], fd)
         n += 1
         el = time.perf_counter() - t0
         if el > seconds and n >= 3:
@@ -370,12 +303,12 @@ def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Calla
     try:
         onnx.checker.check_model(q_path)
     except Exception as e:
-        raise ArtifactError(f"the int8 model does not pass onnx.checker: {_first_line(e)}") from None
-    fp32, q = _session(fp32_path), _session(q_path)
+        raise ArtifactError(f"the int8 model does not pass onnx.checker: {first_line(e)}") from None
+    fp32, q = serving.session(fp32_path), serving.session(q_path)
     drifts, agree = [], 0
     for b in batches:
-        p32 = fp32.run([OUTPUT], _feeds(fp32, b))[0]
-        p8 = q.run([OUTPUT], _feeds(q, b))[0]
+        p32 = fp32.run([OUTPUT], serving.feeds(fp32, b))[0]
+        p8 = q.run([OUTPUT], serving.feeds(q, b))[0]
         if not np.isfinite(p8).all():
             raise ArtifactError("the int8 model gives non-finite probabilities")
         drifts.append(np.abs(p8 - p32).max(axis=1))
@@ -486,13 +419,13 @@ def _try_export(model, names: list[str], example: dict, batches: list[dict], pat
     except Exception as e:  # exporter internals raise anything; report it in one line
         if debug:
             log.exception("%s export failed", how)
-        return None, f"{how} export failed: {_first_line(e)}"
+        return None, f"{how} export failed: {first_line(e)}"
     seconds = time.perf_counter() - t0
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
-        return None, f"{how}: onnx.checker rejected the model: {_first_line(e)}"
-    session = _session(path)
+        return None, f"{how}: onnx.checker rejected the model: {first_line(e)}"
+    session = serving.session(path)
     got_names = [i.name for i in session.get_inputs()]
     if got_names != names:
         return None, f"{how}: graph inputs {got_names}, expected {names}"
@@ -542,8 +475,7 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
     verification fails."""
     import torch
 
-    from ..artifact import load_artifact
-
+    from ..artifact import open_model_dir
 
     say = say or (lambda msg: print(msg, flush=True))
     if exporter not in EXPORTERS:
@@ -553,8 +485,8 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
     output, out_dir = _resolve_output(model_dir, output)
     previous = _previous_export(out_dir)  # before the slow part: a wrong folder fails at once
 
-    model, pre, tokenizer = load_artifact(model_dir)
-    model = model.float().eval()
+    md = open_model_dir(model_dir)
+    model, pre, tokenizer = md.model.float().eval(), md.pre, md.tokenizer
     names = input_names_for(model.spec)
     batches, rows_desc = verification_batches(model_dir, model.spec, pre, tokenizer, data, rows)
     say(f"exporting {model_dir} (fusion {model.spec.fusion}, inputs {', '.join(names)}); verifying on {rows_desc}")
@@ -570,7 +502,7 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
         if quantize == "int8":
             report["int8"] = _int8_copy(fp32_path, batches, int8_tolerance, say)
         # the ONNX files and any external-data files beside them: a later export must know to remove them all
-        files = {f: {"sha256": _sha256(os.path.join(staged, f))} for f in sorted(os.listdir(staged))}
+        files = {f: {"sha256": sha256(os.path.join(staged, f))} for f in sorted(os.listdir(staged))}
         for f, entry in files.items():
             if f.endswith(".onnx"):
                 entry["precision"] = "int8" if f.endswith(".int8.onnx") else "fp32"
@@ -583,109 +515,3 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
     report["files"] = sorted(files)
     report["folder"] = out_dir
     return report
-
-
-# --------------------------------------------------------------------------------------------- serving
-class OnnxScorer:
-    """onnxruntime scorer for an exported model; no PyTorch model is built.
-
-    OnnxScorer(path, threads=None, check_integrity=True)
-        path: an exported .onnx file (fp32 `model.onnx` or `model.int8.onnx`), or the export folder
-        (then `model.onnx` in it). The folder's onnx_manifest.json checksum is checked when it lists the
-        file (check_integrity=False skips it); a missing, truncated, tampered or non-ONNX file raises
-        ArtifactError with one clear line.
-
-    predict_proba(batch) -> np.ndarray float32, shape (B, num_classes), rows in batch order
-        batch: a dict as returned by mmbert.data.dataset.collate (torch tensors or numpy arrays). Only
-        the keys the graph declares (`input_names`) are read; `chunk_index`, `labels`, `index` ... are
-        ignored. Same probabilities as softmax(model(...)) in PyTorch to ~1e-6 (verified at export).
-
-    input_names: list[str]   graph inputs, a subset of input_ids, attention_mask, numeric, missing, categorical
-    num_classes: int
-    folder: str              the export folder
-    preprocessor, tokenizer  loaded lazily from the folder (preprocessing.json, tokenizer/): the same
-                             preprocessing as training, for serving raw rows
-    pad_id: int              the tokenizer's pad id, for collate(ds, idx, scorer.pad_id)
-    dataset(df, file="<rows>", with_labels=None) -> TableDataset   preprocess + tokenize raw rows
-    predict_dataset(ds, batch_size=32) -> np.ndarray   all rows of a TableDataset, in dataset order
-    predict_frame(df, batch_size=32) -> np.ndarray     raw rows (pandas DataFrame with the training columns)
-
-    Example (evaluate.py --onnx):
-        scorer = OnnxScorer(args.onnx)
-        ds = build_dataset(scorer.preprocessor, scorer.tokenizer, df, file)
-        probs = np.concatenate([scorer.predict_proba(collate(ds, idx, scorer.pad_id)) for idx in batches])
-    """
-
-    def __init__(self, path: str, threads: Optional[int] = None, check_integrity: bool = True):
-        if os.path.isdir(path):
-            path = os.path.join(path, "model.onnx")
-        if not os.path.isfile(path):
-            raise ArtifactError(f"ONNX model not found: {path}")
-        self.path = path
-        self.folder = os.path.dirname(os.path.abspath(path))
-        self.manifest: dict = {}
-        mpath = os.path.join(self.folder, MANIFEST)
-        if os.path.isfile(mpath):
-            try:
-                with open(mpath) as f:
-                    self.manifest = json.load(f)
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ArtifactError(f"{mpath} is corrupted: {e}") from None
-        entry = self.manifest.get("files", {}).get(os.path.basename(path))
-        if check_integrity and entry and entry.get("sha256") and _sha256(path) != entry["sha256"]:
-            raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was modified, truncated "
-                                f"or corrupted after export; re-export it")
-        self.session = _session(path, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        unknown = [n for n in self.input_names if n not in INPUTS]
-        outs = [o.name for o in self.session.get_outputs()]
-        if unknown or outs != [OUTPUT]:
-            raise ArtifactError(f"{path} is not an mmbert export: inputs {self.input_names}, outputs {outs}")
-        shape = self.session.get_outputs()[0].shape
-        self.num_classes = int(shape[-1]) if isinstance(shape[-1], int) else None
-        self._pre = self._tok = None
-
-    # ------------------------------------------------------------------ scoring
-    def predict_proba(self, batch: dict) -> np.ndarray:
-        return self.session.run([OUTPUT], _feeds(self.session, batch))[0]
-
-    # ------------------------------------------------------------------ the self-contained folder
-    @property
-    def preprocessor(self):
-        if self._pre is None:
-            from ..data.preprocess import Preprocessor
-
-            self._pre = Preprocessor.load(os.path.join(self.folder, "preprocessing.json"))
-        return self._pre
-
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from ..data.tokenize import load_tokenizer
-
-            tok_dir = os.path.join(self.folder, "tokenizer")
-            self._tok = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else self.preprocessor.tokenizer)
-        return self._tok
-
-    @property
-    def pad_id(self) -> int:
-        pid = self.tokenizer.pad_token_id
-        return 0 if pid is None else int(pid)
-
-    def dataset(self, df, file: str = "<rows>", with_labels: Optional[bool] = None):
-        from ..data.pipeline import build_dataset
-
-        return build_dataset(self.preprocessor, self.tokenizer, df, file, with_labels=with_labels, name="serve")
-
-    def predict_dataset(self, ds, batch_size: int = 32) -> np.ndarray:
-        from ..data.dataset import collate
-
-        order = np.argsort(ds.lengths, kind="stable")  # similar lengths together: less padding
-        out = np.zeros((len(ds), self.num_classes or len(self.preprocessor.classes)), dtype=np.float32)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            out[idx] = self.predict_proba(collate(ds, idx, self.pad_id))
-        return out
-
-    def predict_frame(self, df, batch_size: int = 32) -> np.ndarray:
-        return self.predict_dataset(self.dataset(df, with_labels=False), batch_size)

@@ -79,8 +79,14 @@ class MultimodalClassifier(nn.Module):
         return self.fusion_head(text, tab, text_mask)
 
     def forward_batch(self, batch: dict) -> torch.Tensor:
-        return self(batch["input_ids"], batch["attention_mask"], batch.get("numeric"), batch.get("missing"),
-                    batch.get("categorical"), batch.get("chunk_index"))
+        return self(*batch_inputs(batch))
+
+
+def batch_inputs(batch: dict) -> tuple:
+    """forward's positional arguments from a collated batch (positional, so DDP/FSDP wrappers see the call as
+    their forward)."""
+    return (batch["input_ids"], batch["attention_mask"], batch.get("numeric"), batch.get("missing"),
+            batch.get("categorical"), batch.get("chunk_index"))
 
 
 def freeze_word_embeddings(model: MultimodalClassifier) -> int:

@@ -20,9 +20,9 @@ class Head(nn.Module):
         return self.out(self.drop(torch.relu(self.fc(x))))
 
 
-class CrossAttnFusion(nn.Module):
-    """SPEC 2 reference design on length-1 sequences:
-    X' = LN(X + MHA(X, A, A)); A' = LN(A + MHA(A, X', X')); head(concat(X', A'))."""
+class _BidirectionalAttention(nn.Module):
+    """The two attention steps both cross-attention fusions share: text attends to tabular, then tabular to
+    the updated text, each with a residual and LayerNorm; a head over both sides."""
 
     def __init__(self, hidden_dim, num_heads, num_classes, dropout):
         super().__init__()
@@ -31,6 +31,11 @@ class CrossAttnFusion(nn.Module):
         self.tab2text = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
         self.norm_tab = nn.LayerNorm(hidden_dim)
         self.head = Head(2 * hidden_dim, hidden_dim, num_classes, dropout)
+
+
+class CrossAttnFusion(_BidirectionalAttention):
+    """SPEC 2 reference design on length-1 sequences:
+    X' = LN(X + MHA(X, A, A)); A' = LN(A + MHA(A, X', X')); head(concat(X', A'))."""
 
     def forward(self, text, tab, **_):
         x, a = text.unsqueeze(1), tab.unsqueeze(1)
@@ -39,17 +44,9 @@ class CrossAttnFusion(nn.Module):
         return self.head(torch.cat([x2, a2], dim=-1).squeeze(1))
 
 
-class TokenCrossAttnFusion(nn.Module):
+class TokenCrossAttnFusion(_BidirectionalAttention):
     """Token-level variant: text tokens (all chunks, padding masked) and one token per tabular feature
     attend to each other in the same two steps; then masked mean pooling of each side."""
-
-    def __init__(self, hidden_dim, num_heads, num_classes, dropout):
-        super().__init__()
-        self.text2tab = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
-        self.norm_text = nn.LayerNorm(hidden_dim)
-        self.tab2text = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
-        self.norm_tab = nn.LayerNorm(hidden_dim)
-        self.head = Head(2 * hidden_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, text, tab, text_mask: Optional[torch.Tensor] = None, **_):
         x, a = text, tab  # B x L x H, B x F x H

@@ -18,13 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from ..artifact import PREPROCESSING, WEIGHTS, build_model, save_artifact
+from ..artifact import PREPROCESSING, WEIGHTS, save_artifact
+from ..assembly import build_run_data, build_run_model, model_spec
 from ..config import Config
 from ..data.dataset import batch_token_counts, collate, move_batch
-from ..data.pipeline import build_dataset, load_splits, log_label_map
-from ..data.preprocess import Preprocessor
 from ..data.samplers import epoch_order, micro_batch, steps_per_epoch
-from ..data.tokenize import load_tokenizer
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.parallel import (
@@ -35,13 +33,13 @@ from ..distributed.parallel import (
     resolve_plan,
 )
 from ..errors import ConfigError
-from ..evaluation.metrics import compute_metrics
-from ..evaluation.predict import predict, run_model
-from ..models.classifier import ModelSpec, effective_fusion, freeze_word_embeddings
+from ..metrics import compute_metrics
 from ..models.text_encoder import position_limit
+from ..scoring import predict, run_model
 from .optim import build_optimizer, build_scheduler
 from .resume import check_resumable, describe_replan, plan_lr
 from .rundir import OutputLock, claim_output_dir, probe_writable
+from .tracking import MetricsLog, build_trackers
 
 log = logging.getLogger("mmbert")
 MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_checkpoint_room sizes the real need
@@ -127,24 +125,6 @@ def check_encoder_fits(cfg: Config):
                           f"less (longer texts become up to data.max_chunks chunks)")
 
 
-class MetricsLog:
-    """metrics.jsonl on rank 0; on resume the records after the resumed step are dropped so the step
-    count stays continuous."""
-
-    def __init__(self, path: str, enabled: bool, resume_step: Optional[int]):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-
-    def write(self, record: dict):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-
-
 @dataclass
 class TrainState:
     """Everything of the loop that a checkpoint saves and a resume restores, as one object."""
@@ -223,7 +203,12 @@ def train(cfg: Config) -> Optional[str]:
 
 
 def _train(cfg: Config, env: DistEnv) -> Optional[str]:
-    return Trainer(cfg, env).run()
+    trainer = Trainer(cfg, env)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.mlog is not None:
+            trainer.mlog.close()  # flush the experiment trackers, also when training raised
 
 
 @dataclass
@@ -255,23 +240,16 @@ class Trainer:
         self.stop_reason: Optional[str] = None
         self.order_epoch, self.order = -1, None
         self.bar = None  # rank 0's progress bar, during run()
+        self.mlog: Optional[MetricsLog] = None  # metrics.jsonl and the trackers, from restore() on
 
     # ---- building the run
     def build_data(self):
         """Preprocessing fitted on the train split only; tokenized train / val datasets."""
-        cfg, dc, tc = self.cfg, self.cfg.data, self.tc
-        splits = load_splits(dc)
-        self.tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
-        train_split = splits["train"]
-        self.pre = pre = Preprocessor.fit(train_split.df, dc, cfg.model.encoder, train_split.file)
-        self.train_ds = build_dataset(pre, self.tokenizer, train_split.df, train_split.file, with_labels=True,
-                                      name="train")
-        log_label_map(pre, self.train_ds, train_split.file)
-        self.val_ds = None
-        if "val" in splits and len(splits["val"].df):
-            self.val_ds = build_dataset(pre, self.tokenizer, splits["val"].df, splits["val"].file, with_labels=True,
-                                        name="val")
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tc, dc = self.tc, self.cfg.data
+        data = build_run_data(self.cfg)
+        self.tokenizer, self.pre, self.train_ds, self.val_ds = data.tokenizer, data.pre, data.train, data.val
+        self.pad_id = data.pad_id
+        pre = self.pre
         if tc.class_weights is not None and len(tc.class_weights) != pre.num_classes:
             raise ConfigError(f"config key 'train.class_weights' has {len(tc.class_weights)} values but label column "
                               f"'{dc.label_column}' has {pre.num_classes} classes {pre.classes}")
@@ -280,19 +258,9 @@ class Trainer:
 
     def build_model(self):
         """Identical initialisation on every rank, then wrapped; the optimizer over the wrapped parameters."""
-        cfg, mc, dc, env = self.cfg, self.cfg.model, self.cfg.data, self.env
-        pre = self.pre
-        has_tab = bool(dc.numeric_columns or dc.categorical_columns)
-        self.spec = ModelSpec(fusion=effective_fusion(mc.fusion, has_tab), hidden_dim=mc.hidden_dim,
-                              num_heads=mc.num_heads, dropout=mc.dropout, pooling=mc.pooling,
-                              num_numeric=len(pre.numeric_columns),
-                              cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                              cat_embedding_dim=mc.cat_embedding_dim, num_classes=pre.num_classes, encoder=mc.encoder)
-        torch.manual_seed(self.tc.seed)
-        model = build_model(self.spec, mc.encoder, pretrained=True, trust_remote_code=mc.trust_remote_code,
-                            attention_dropout=mc.attention_dropout)
-        if mc.freeze_word_embeddings:
-            log.info(f"froze the encoder's word embeddings: {freeze_word_embeddings(model):,} parameters")
+        env = self.env
+        self.spec = model_spec(self.cfg, self.pre)
+        model = build_run_model(self.cfg, self.spec)
         self.base_model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         check_checkpoint_room(self.out, model)
@@ -301,7 +269,7 @@ class Trainer:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, self.tc)
-        self.run_cfg = cfg.to_dict()
+        self.run_cfg = self.cfg.to_dict()
         self.run_cfg["model"]["fusion"] = self.spec.fusion  # what was built, the key a resume is checked against
 
     def plan_steps(self):
@@ -335,8 +303,9 @@ class Trainer:
         replan = describe_replan(saved.get("lr_plan"), self.lr_plan, self.state.step, self.scheduler.get_last_lr()[0])
         if replan:
             log.info(replan)
-        self.mlog = MetricsLog(os.path.join(self.out, "metrics.jsonl"), env.is_main,
-                               self.state.step if resume_path else None)
+        resume_step = self.state.step if resume_path else None
+        self.mlog = MetricsLog(os.path.join(self.out, "metrics.jsonl"), env.is_main, resume_step,
+                               build_trackers(self.cfg, env.is_main, resume_step))
 
     def write_run_files(self):
         """Rank 0: the resolved config and the fitted preprocessing beside the checkpoints, and the run's header."""
@@ -348,6 +317,7 @@ class Trainer:
         resolved["model"]["fusion"] = self.spec.fusion
         with open(os.path.join(self.out, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
+        self.mlog.log_config(resolved)
         self.pre.save(os.path.join(self.out, PREPROCESSING))
         log.info("launcher=%s world=%d device=%s strategy=%s threads=%d | %d params | train %d rows, val %d rows | "
                  "%d steps/epoch of %d samples, %d steps total", env.launcher, env.world_size, env.device,

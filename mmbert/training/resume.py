@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import flatten
 from ..errors import ConfigError
 
 log = logging.getLogger("mmbert")
@@ -21,17 +22,7 @@ log = logging.getLogger("mmbert")
 FROZEN_SECTIONS = ("data", "model")
 FROZEN_TRAIN_KEYS = ("seed", "bucket_by_length", "bucket_block", "metric", "metric_mode")
 # Keys that say where and how to run, not what: never compared.
-RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite", "progress_bar", "num_threads")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite", "progress_bar", "num_threads", "report_to")
 
 
 def _frozen(key: str) -> bool:
@@ -41,7 +32,7 @@ def _frozen(key: str) -> bool:
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(frozen keys that changed, other keys that changed), each as `key old -> new`."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
         section, _, name = key.partition(".")

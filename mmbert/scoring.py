@@ -11,28 +11,30 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..data.dataset import TableDataset, collate, move_batch
-from ..data.samplers import eval_shard
-from ..distributed.gather import gather_rows
+from .data.dataset import TableDataset, collate, move_batch
+from .data.samplers import eval_shard
+from .distributed.gather import gather_rows
+from .models.classifier import batch_inputs, probabilities
 
 Scorer = Callable[[dict], "np.ndarray | torch.Tensor"]
 
 
 def run_model(model, batch: dict) -> torch.Tensor:
-    """Positional call so DDP/FSDP wrappers see it as their forward."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["numeric"], batch["missing"],
-                 batch["categorical"], batch.get("chunk_index"))
+    """Logits of a plain, DDP or FSDP model on a batch already on its device."""
+    return model(*batch_inputs(batch))
+
+
+def batch_probabilities(model, batch: dict, device: Optional[torch.device] = None) -> np.ndarray:
+    """The one "model on a batch -> probabilities": softmax in float32, as numpy; the batch moved to `device`
+    first when given."""
+    with torch.no_grad():
+        logits = run_model(model, move_batch(batch, device) if device is not None else batch)
+    return probabilities(logits).cpu().numpy()
 
 
 def torch_scorer(model, device: torch.device) -> Scorer:
     """batch (on the host) -> softmax probabilities as float32 numpy, computed on `device`."""
-
-    def score(batch: dict) -> np.ndarray:
-        with torch.no_grad():
-            logits = run_model(model, move_batch(batch, device))
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
-
-    return score
+    return lambda batch: batch_probabilities(model, batch, device)
 
 
 def predict(model, ds: TableDataset, rank: int, world: int, device: torch.device, batch_size: int, pad_id: int,

@@ -1,0 +1,178 @@
+"""Serving an exported model with onnxruntime: no PyTorch model is built (and importing this module imports
+no torch). Used by `evaluate.py --onnx`, `mmbert.load(export_folder)` and `mmbert predict`.
+
+An export folder (written by export.py) holds the ONNX file(s) and what serving raw rows needs:
+preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, graph inputs,
+verification report). The graph maps collated tensors to class probabilities:
+
+    input_ids       int64   batch x chunks x tokens     (absent for tab_only)
+    attention_mask  int64   batch x chunks x tokens     (absent for tab_only)
+    numeric         float32 batch x N                   (absent without numeric columns or for text_only)
+    missing         float32 batch x N                   (idem; 1.0 where the value was missing)
+    categorical     int64   batch x K                   (absent without categorical columns or for text_only)
+    -> probabilities float32 batch x num_classes
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import ArtifactError, read_json_object
+
+INPUTS = ("input_ids", "attention_mask", "numeric", "missing", "categorical")
+OUTPUT = "probabilities"
+MANIFEST = "onnx_manifest.json"
+_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(int32)": np.int32,
+           "tensor(double)": np.float64}
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def session(path: str, threads: Optional[int] = None):
+    """An onnxruntime CPU session; a file that is not a loadable model is one ArtifactError line."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph ...)
+        raise ArtifactError(f"{path} is not a loadable ONNX model (truncated or corrupted?): {first_line(e)}") \
+            from None
+
+
+def feeds(sess, batch: dict) -> dict:
+    """The graph's inputs from a collated batch (torch tensors or numpy arrays), in the graph's dtypes."""
+    out = {}
+    for i in sess.get_inputs():
+        if i.name not in batch:
+            raise ArtifactError(f"the ONNX model needs input '{i.name}', which the batch does not have")
+        v = batch[i.name]
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out[i.name] = np.ascontiguousarray(v, dtype=_DTYPES.get(i.type, v.dtype))
+    return out
+
+
+def score_dataset(score: Callable[[dict], object], ds, pad_id: int, num_classes: int,
+                  batch_size: int = 32) -> np.ndarray:
+    """Probabilities (float32, len(ds) x num_classes, dataset order) of every row of a TableDataset, scored in
+    length order (similar lengths batched together: less padding). `score` maps a collated host batch to
+    probabilities (numpy or torch). One process: distributed scoring is mmbert.scoring.predict."""
+    from .data.dataset import collate
+
+    order = np.argsort(ds.lengths, kind="stable")
+    out = np.zeros((len(ds), num_classes), dtype=np.float32)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        got = score(collate(ds, idx, pad_id))
+        out[idx] = got.detach().float().cpu().numpy() if hasattr(got, "detach") else got
+    return out
+
+
+def read_manifest(folder: str) -> dict:
+    """onnx_manifest.json of an export folder ({} when it has none)."""
+    path = os.path.join(folder, MANIFEST)
+    return read_json_object(path, "") if os.path.isfile(path) else {}
+
+
+class OnnxScorer:
+    """onnxruntime scorer for an exported model; no PyTorch model is built.
+
+    OnnxScorer(path, threads=None, check_integrity=True)
+        path: an exported .onnx file (fp32 `model.onnx` or `model.int8.onnx`), or the export folder
+        (then `model.onnx` in it). The folder's onnx_manifest.json checksum is checked when it lists the
+        file (check_integrity=False skips it); a missing, truncated, tampered or non-ONNX file raises
+        ArtifactError with one clear line.
+
+    predict_proba(batch) -> np.ndarray float32, shape (B, num_classes), rows in batch order
+        batch: a dict as returned by mmbert.data.dataset.collate (torch tensors or numpy arrays). Only
+        the keys the graph declares (`input_names`) are read; `chunk_index`, `labels`, `index` ... are
+        ignored. Same probabilities as softmax(model(...)) in PyTorch to ~1e-6 (verified at export).
+
+    input_names: list[str]   graph inputs, a subset of INPUTS
+    num_classes: int
+    folder: str              the export folder
+    manifest: dict           onnx_manifest.json (empty when the folder has none)
+    preprocessor, tokenizer  loaded lazily from the folder (preprocessing.json, tokenizer/): the same
+                             preprocessing as training, for serving raw rows
+    pad_id: int              the tokenizer's pad id, for collate(ds, idx, scorer.pad_id)
+    dataset(df, file="<rows>", with_labels=None) -> TableDataset   preprocess + tokenize raw rows
+    predict_dataset(ds, batch_size=32) -> np.ndarray   all rows of a TableDataset, in dataset order
+    predict_frame(df, batch_size=32) -> np.ndarray     raw rows (pandas DataFrame with the training columns)
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = None, check_integrity: bool = True):
+        if os.path.isdir(path):
+            path = os.path.join(path, "model.onnx")
+        if not os.path.isfile(path):
+            raise ArtifactError(f"ONNX model not found: {path}")
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        self.manifest = read_manifest(self.folder)
+        entry = self.manifest.get("files", {}).get(os.path.basename(path))
+        if check_integrity and entry and entry.get("sha256") and sha256(path) != entry["sha256"]:
+            raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was modified, truncated "
+                                f"or corrupted after export; re-export it")
+        self.session = session(path, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = [n for n in self.input_names if n not in INPUTS]
+        outs = [o.name for o in self.session.get_outputs()]
+        if unknown or outs != [OUTPUT]:
+            raise ArtifactError(f"{path} is not an mmbert export: inputs {self.input_names}, outputs {outs}")
+        shape = self.session.get_outputs()[0].shape
+        self.num_classes = int(shape[-1]) if isinstance(shape[-1], int) else None
+        self._pre = self._tok = None
+
+    def predict_proba(self, batch: dict) -> np.ndarray:
+        return self.session.run([OUTPUT], feeds(self.session, batch))[0]
+
+    @property
+    def preprocessor(self):
+        if self._pre is None:
+            from .data.preprocess import Preprocessor
+
+            self._pre = Preprocessor.load(os.path.join(self.folder, "preprocessing.json"))
+        return self._pre
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from .data.tokenize import load_tokenizer
+
+            tok_dir = os.path.join(self.folder, "tokenizer")
+            self._tok = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else self.preprocessor.tokenizer)
+        return self._tok
+
+    @property
+    def pad_id(self) -> int:
+        from .data.tokenize import pad_id
+
+        return pad_id(self.tokenizer)
+
+    def dataset(self, df, file: str = "<rows>", with_labels: Optional[bool] = None):
+        from .data.pipeline import build_dataset
+
+        return build_dataset(self.preprocessor, self.tokenizer, df, file, with_labels=with_labels, name="serve")
+
+    def predict_dataset(self, ds, batch_size: int = 32) -> np.ndarray:
+        k = self.num_classes or len(self.preprocessor.classes)
+        return score_dataset(self.predict_proba, ds, self.pad_id, k, batch_size)
+
+    def predict_frame(self, df, batch_size: int = 32) -> np.ndarray:
+        return self.predict_dataset(self.dataset(df, with_labels=False), batch_size)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a text + tabular cross-attention classifier. Works under torchrun, accelerate launch, srun, or alone:
+"""Train a text + tabular cross-attention classifier (the same as `mmbert train`). Works under torchrun,
+accelerate launch, srun, or alone:
 
     python train.py --config configs/womens_clothing.yaml
     torchrun --nproc_per_node 2 train.py --config configs/womens_clothing.yaml --strategy fsdp
@@ -8,17 +9,10 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mmbert.cli import train_command  # noqa: E402
 from mmbert.errors import run_main  # noqa: E402
 
-
-@run_main
-def main(argv):
-    from mmbert.cli import parse_train_args
-    from mmbert.training.loop import train
-
-    cfg, _ = parse_train_args(argv)
-    train(cfg)
-
+main = run_main(train_command)
 
 if __name__ == "__main__":
     main()

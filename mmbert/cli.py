@@ -1,10 +1,14 @@
-"""Command line of train.py: --config, --set section.key=value, and shortcut flags."""
+"""The command line: `mmbert train | evaluate | export | predict` (also `python -m mmbert`), and the
+parsers behind train.py, evaluate.py and export.py, which are thin wrappers of the same functions."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import Optional
 
 from .config import FUSIONS, STRATEGIES, Config, _parse_scalar, load_config
-from .errors import ConfigError
+from .errors import ConfigError, run_main
 
 # flag -> (config key, type)
 SHORTCUTS = {
@@ -27,6 +31,7 @@ SHORTCUTS = {
     "seed": ("train.seed", int),
     "lr": ("train.lr", float),
 }
+SPLITS = ("train", "val", "test")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,9 +39,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description="Train a text + tabular cross-attention classifier.")
-    p.add_argument("--config", help="YAML config file (sections: data, model, train, dist)")
+# ----------------------------------------------------------------------------- train
+
+def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train a text + tabular cross-attention classifier.")
+    p.add_argument("--config", help="YAML config file, or the name of a packaged config (womens_clothing)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key (repeatable); the value is parsed as YAML")
     p.add_argument("--data", help="data file (CSV/TSV/Parquet/JSONL) replacing data.path")
@@ -62,8 +69,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_train_args(argv) -> tuple[Config, argparse.Namespace]:
-    args = build_train_parser().parse_args(argv)
+def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Namespace]:
+    args = build_train_parser(prog).parse_args(argv)
     overrides = []
     for item in args.set:
         if "=" not in item:
@@ -77,3 +84,187 @@ def parse_train_args(argv) -> tuple[Config, argparse.Namespace]:
     if args.overwrite:
         overrides.append(("train.overwrite", True))
     return load_config(args.config, overrides), args
+
+
+def train_command(argv, prog: str = "train.py"):
+    from .training.loop import train
+
+    cfg, _ = parse_train_args(argv, prog)
+    train(cfg)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Evaluate (labelled data) or predict (unlabelled data) with a trained model "
+                                       "directory, on one process or many.")
+    p.add_argument("--model-dir", help="a model directory written by train.py (RUN/final or RUN/best); "
+                                       "optional with --onnx (then the export folder is used)")
+    p.add_argument("--onnx", metavar="FILE", help="score with onnxruntime through an exported model (export.py "
+                                                 "output: model.onnx, model.int8.onnx or its folder) instead of PyTorch")
+    p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--split", choices=SPLITS,
+                      help="score the rows of this training split, as recorded in MODEL_DIR/config.yaml "
+                           "(index file, split file, or fractions + seed)")
+    rows.add_argument("--indices", metavar="FILE", help="score these rows of --data (one 0-based row index per line), "
+                                                        "in the order listed")
+    p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
+    p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")
+    p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout in seconds (default 1800)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def parse_eval_args(argv, prog: str = "evaluate.py") -> argparse.Namespace:
+    args = build_eval_parser(prog).parse_args(argv)
+    for name in ("batch_size", "max_rows", "num_threads", "timeout_s"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"{prog}: --{name.replace('_', '-')} must be >= 1, got {v}")
+    if not args.model_dir and not args.onnx:
+        raise ConfigError(f"{prog}: give --model-dir (a trained model) or --onnx (an exported one)")
+    if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
+        args.model_dir = args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))
+    return args
+
+
+def evaluate_command(argv, prog: str = "evaluate.py"):
+    from .evaluation.run import evaluate
+
+    evaluate(parse_eval_args(argv, prog))
+
+
+# ----------------------------------------------------------------------------- export
+
+def build_export_parser(prog: str = "export.py") -> argparse.ArgumentParser:
+    from .export.onnx import EXPORTERS, INT8_TOLERANCE
+
+    p = _Parser(prog=prog, description="Export a consolidated model directory (RUN/final) to ONNX.")
+    p.add_argument("--model-dir", required=True, help="consolidated model directory, e.g. runs/NAME/final")
+    p.add_argument("--output", required=True, help="the .onnx file to write (or a folder: FOLDER/model.onnx); "
+                   "preprocessing.json, model_spec.json and tokenizer/ are written beside it. The folder must be "
+                   "new, empty or an earlier export (which is replaced)")
+    p.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 copy (NAME.int8.onnx) for CPU")
+    p.add_argument("--int8-tolerance", type=float, default=INT8_TOLERANCE, metavar="DP",
+                   help=f"refuse the int8 copy when its probabilities differ from fp32 by more than this on the "
+                   f"verification rows (default {INT8_TOLERANCE:g})")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's default)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="auto: torch.export (dynamo), falling back to TorchScript if that fails or does not verify")
+    p.add_argument("--data", help="rows to verify on (default: the run's val/test split from its config.yaml)")
+    p.add_argument("--rows", type=int, default=48, help="how many rows to verify on (default 48)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |p_onnx - p_torch| allowed (default 1e-4)")
+    p.add_argument("--report", help="also write the export report (JSON) to this file")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and exporter output")
+    return p
+
+
+def export_options(options: dict) -> dict:
+    """export_onnx's keyword arguments from the flags' Python names (tolerance -> atol), checked."""
+    known = {"quantize", "opset", "exporter", "data", "rows", "tolerance", "int8_tolerance", "debug"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"export: unknown option '{unknown[0]}' (options: {', '.join(sorted(known))})")
+    if options.get("int8_tolerance") is not None and not options["int8_tolerance"] >= 0:
+        raise ConfigError(f"export: --int8-tolerance must be >= 0, got {options['int8_tolerance']:g}")
+    out = {k: v for k, v in options.items() if v is not None}
+    if "tolerance" in out:
+        out["atol"] = out.pop("tolerance")
+    return out
+
+
+def export_command(argv, prog: str = "export.py"):
+    import json
+    import logging
+
+    from .export.onnx import export_onnx
+
+    args = build_export_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    report = export_onnx(args.model_dir, args.output, **export_options(
+        {k: getattr(args, k) for k in ("quantize", "opset", "exporter", "data", "rows", "tolerance",
+                                       "int8_tolerance", "debug")}))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"wrote {', '.join(report['files'])} + preprocessing.json, model_spec.json, tokenizer/ in {report['folder']}")
+
+
+# ----------------------------------------------------------------------------- predict
+
+def build_predict_parser(prog: str = "mmbert predict") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Score a data file with a trained model directory (PyTorch) or an export "
+                                       "folder (onnxruntime), in one process; write one row per input row.")
+    p.add_argument("model", help="a model directory (RUN/final), a finished run (RUN) or an export folder / .onnx")
+    p.add_argument("--data", required=True, help="data file or folder (CSV/TSV/Parquet/JSONL) with the training columns")
+    p.add_argument("--output", required=True, help="predictions file (.tsv or .csv): id (when configured), "
+                                                   "probability column(s), pred")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--device", help="PyTorch device for a model directory (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def predict_command(argv, prog: str = "mmbert predict"):
+    import logging
+
+    import pandas as pd
+
+    from .api import load
+    from .data.io import load_table
+    from .evaluation.run import prob_columns, write_tsv
+
+    args = build_predict_parser(prog).parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"{prog}: --batch-size must be >= 1, got {args.batch_size}")
+    if not args.output.endswith((".tsv", ".csv")):
+        raise ConfigError(f"{prog}: --output {args.output}: the file name must end with .tsv or .csv")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    model = load(args.model, trust_remote_code=args.trust_remote_code, device=args.device)
+    id_column = model.metadata["id_column"]
+    df = load_table(args.data, [id_column] if id_column else [])
+    probs = model.predict_proba(df, args.batch_size, as_pandas=False)
+    names = [str(c) for c in model.classes]
+    out = {"row": range(len(df))}
+    if id_column and id_column in df.columns:
+        out[id_column] = df[id_column].to_numpy()
+    for j, c in enumerate(prob_columns(names)):
+        out[c] = probs[:, 1] if len(names) == 2 else probs[:, j]
+    out["pred"] = [names[k] for k in probs.argmax(1)]
+    write_tsv(pd.DataFrame(out), args.output)
+    print(f"wrote {len(df)} predictions of {args.model} ({model.backend}) to {args.output}")
+
+
+# ----------------------------------------------------------------------------- mmbert COMMAND
+
+COMMANDS = {"train": train_command, "evaluate": evaluate_command, "export": export_command, "predict": predict_command}
+
+
+def main(argv: Optional[list[str]] = None):
+    """`mmbert COMMAND ...`: the installed console script and `python -m mmbert`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and DataLoader forks
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        from . import __version__
+
+        usage = (f"usage: mmbert {{{','.join(COMMANDS)}}} ... (mmbert {__version__})\n"
+                 "  train     train a model (as train.py; under torchrun / accelerate launch / srun too)\n"
+                 "  evaluate  metrics, prediction files and curves on labelled or unlabelled data (as evaluate.py)\n"
+                 "  export    ONNX export verified with onnxruntime (as export.py)\n"
+                 "  predict   score a data file in one process with a model directory or an export\n"
+                 "`mmbert COMMAND --help` for a command's options.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
+            sys.exit(2)
+        print(usage)
+        return
+    command = argv[0]
+    run_main(lambda rest: COMMANDS[command](rest, f"mmbert {command}"))(argv[1:])

@@ -1,0 +1,232 @@
+"""The Python API.
+
+    import mmbert
+    run = mmbert.train("configs/womens_clothing.yaml", output_dir="runs/api", max_steps=50)
+    model = mmbert.load(run.model_dir)              # or an export folder: scored by onnxruntime
+    model.predict(df)                               # labels in the training data's own values
+    model.predict_proba(df)                         # one column per class
+
+Loading reads JSON, YAML (safe_load), safetensors and ONNX only: no pickle, and no remote code unless the
+caller passes trust_remote_code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from .errors import ArtifactError, ConfigError, DataError
+
+
+class Predictor:
+    """Scores raw rows (a pandas DataFrame holding the training columns; the label column may be absent)
+    with the preprocessing and tokenizer the model was trained with."""
+
+    def __init__(self, score: Callable[[dict], Any], pre, tokenizer, metadata: dict):
+        self._score, self._pre, self._tokenizer = score, pre, tokenizer
+        self.metadata = metadata
+
+    @property
+    def classes(self) -> list:
+        """The label values in the model's class order, as in the training data (e.g. [0, 1] or ['neg', 'pos'])."""
+        return list(self._pre.classes)
+
+    @property
+    def backend(self) -> str:
+        return self.metadata["backend"]
+
+    def predict_proba(self, rows, batch_size: int = 32, as_pandas: bool = True):
+        """Probabilities: a DataFrame with one column per class (`classes`) and the rows' index, or with
+        as_pandas=False a float32 array of shape (rows, classes)."""
+        from .data.pipeline import build_dataset
+        from .data.tokenize import pad_id
+        from .serving import score_dataset
+
+        df = _frame(rows)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if len(df) == 0:
+            probs = np.zeros((0, len(self.classes)), np.float32)
+        else:
+            ds = build_dataset(self._pre, self._tokenizer, df, "<rows>", with_labels=False, name="predict")
+            probs = score_dataset(self._score, ds, pad_id(self._tokenizer), len(self.classes), batch_size)
+        return pd.DataFrame(probs, index=df.index, columns=self.classes) if as_pandas else probs
+
+    def predict(self, rows, batch_size: int = 32, as_pandas: bool = True):
+        """The most probable class of each row, in the label's original values (a Series named after the
+        label column, with the rows' index; an array with as_pandas=False)."""
+        probs = self.predict_proba(rows, batch_size, as_pandas=False)
+        values = np.asarray(self.classes)[probs.argmax(1)]  # ints stay ints, strings strings
+        if as_pandas:
+            return pd.Series(values, index=_frame(rows).index, name=self._pre.label_column)
+        return values
+
+    def __repr__(self):
+        m = self.metadata
+        return f"Predictor({m['path']!r}, backend={m['backend']}, fusion={m['fusion']}, classes={self.classes})"
+
+
+def _frame(rows) -> pd.DataFrame:
+    if isinstance(rows, pd.DataFrame):
+        return rows
+    if isinstance(rows, (list, dict)):
+        return pd.DataFrame(rows)
+    raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns), "
+                    f"got {type(rows).__name__}")
+
+
+def _metadata(path: str, backend: str, spec: dict, pre, extra: Optional[dict] = None) -> dict:
+    return {"path": path, "backend": backend, "fusion": spec.get("fusion"), "encoder": spec.get("encoder"),
+            "label_column": pre.label_column, "classes": list(pre.classes), "id_column": pre.id_column,
+            "text_columns": list(pre.text_columns), "numeric_columns": list(pre.numeric_columns),
+            "categorical_columns": list(pre.categorical_columns), "max_tokens": pre.max_tokens,
+            "max_chunks": pre.max_chunks, **(extra or {})}
+
+
+def _read_json(path: str) -> Optional[dict]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            v = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def _load_export(path: str, threads: Optional[int]) -> Predictor:
+    from .serving import OnnxScorer
+
+    s = OnnxScorer(path, threads=threads)
+    spec = _read_json(os.path.join(s.folder, "model_spec.json")) or {}
+    export = s.manifest.get("exports", {}).get(os.path.basename(s.path), {})
+    meta = _metadata(s.path, "onnxruntime", spec, s.preprocessor,
+                     {"precision": "int8" if s.path.endswith(".int8.onnx") else "fp32", "export": export})
+    return Predictor(s.predict_proba, s.preprocessor, s.tokenizer, meta)
+
+
+def _load_model_dir(path: str, trust_remote_code: bool, device: Optional[str]) -> Predictor:
+    import torch
+
+    from .artifact import open_model_dir
+    from .scoring import torch_scorer
+
+    md = open_model_dir(path, trust_remote_code)
+    dev = torch.device(device or "cpu")
+    md.model.to(dev)
+    summary = _read_json(os.path.join(path, "train_summary.json"))
+    meta = _metadata(path, "torch", md.spec.to_dict(), md.pre, {"device": str(dev), "train_summary": summary})
+    return Predictor(torch_scorer(md.model, dev), md.pre, md.tokenizer, meta)
+
+
+def load(path: str, trust_remote_code: bool = False, device: Optional[str] = None,
+         threads: Optional[int] = None) -> Predictor:
+    """A Predictor for `path`: a trained model directory (RUN/final or RUN/best; a run's output directory
+    means its final/), scored with PyTorch on `device` (default cpu); or an export (export.py's folder, or
+    one of its .onnx files), scored with onnxruntime on `threads` threads."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".onnx"):
+        return _load_export(path, threads)
+    if not os.path.isdir(path):
+        raise ArtifactError(f"no model at {path}: give a trained model directory (RUN/final) or an export folder")
+    if os.path.isfile(os.path.join(path, "model_spec.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
+        return _load_model_dir(path, trust_remote_code, device)
+    if os.path.isfile(os.path.join(path, "model.onnx")):
+        return _load_export(path, threads)
+    if os.path.isfile(os.path.join(path, "final", "model_spec.json")):
+        return _load_model_dir(os.path.join(path, "final"), trust_remote_code, device)
+    raise ArtifactError(f"{path} is neither a model directory (model_spec.json + model.safetensors), an export "
+                        f"(model.onnx) nor a finished run (final/)")
+
+
+# ----------------------------------------------------------------------------- train / evaluate / export
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    model_dir: Optional[str]  # OUTPUT/final; None when the run was preempted (resume with resume="auto")
+    summary: dict  # final/train_summary.json: steps, best_step, best_metric, metric, seconds ...
+    metrics_file: str  # OUTPUT/metrics.jsonl: every logged step and evaluation
+
+
+def _config(config, options: dict, overrides: Optional[dict]):
+    from .cli import SHORTCUTS
+    from .config import Config, load_config
+
+    pairs = []
+    for name, value in options.items():
+        if name == "overwrite":
+            pairs.append(("train.overwrite", bool(value)))
+        elif name in SHORTCUTS:
+            pairs.append((SHORTCUTS[name][0], value))
+        else:
+            raise ConfigError(f"mmbert.train: unknown option '{name}' (options: {', '.join(sorted(SHORTCUTS))}, "
+                              f"overwrite; any other key through overrides={{'section.key': value}})")
+    pairs += list((overrides or {}).items())
+    if isinstance(config, Config):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return load_config(None, pairs, base=config)
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"mmbert.train: config must be a YAML path, a packaged config name, a dict or a Config, "
+                          f"got {type(config).__name__}")
+    return load_config(os.fspath(config) if config else None, pairs)
+
+
+def train(config: Union[str, dict, Any, None] = None, overrides: Optional[dict] = None, **options) -> TrainResult:
+    """Train as train.py does (one process, or every rank of a torchrun / accelerate / srun launch).
+
+    config: a YAML file, the name of a packaged config (e.g. "womens_clothing"), a dict of sections or a Config.
+    options: train.py's flags by their Python names, e.g. output_dir="runs/x", max_steps=50, epochs=2,
+    resume="auto", overwrite=True, strategy="fsdp". overrides: any other key, {"train.lr": 1e-4, ...}."""
+    from .training.loop import train as run_training
+
+    cfg = _config(config, options, overrides)
+    final = run_training(cfg)
+    out = cfg.train.output_dir
+    summary = (_read_json(os.path.join(final, "train_summary.json")) or {}) if final else {}
+    return TrainResult(out, final, summary, os.path.join(out, "metrics.jsonl"))
+
+
+@dataclass
+class EvalResult:
+    output_dir: str
+    predictions: str  # OUTPUT/predictions.tsv: every row once, in input order
+    metrics: dict  # labelled data: what metrics.json holds (empty for a prediction run, and on ranks > 0)
+
+
+def _argv(options: dict) -> list[str]:
+    argv = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (None, False):
+            argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return argv
+
+
+def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, **options) -> EvalResult:
+    """evaluate.py as a function: options are its flags by Python name (data=, split="test", indices=,
+    onnx=, id_column=, batch_size=, max_rows=, no_plots=True ...). Returns the files and the metrics."""
+    from .cli import parse_eval_args
+    from .evaluation.run import PREDICTIONS
+    from .evaluation.run import evaluate as run_evaluation
+
+    if output_dir is None:
+        raise ConfigError("mmbert.evaluate: output_dir is required (the prediction files and metrics go there)")
+    args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}))
+    metrics = run_evaluation(args)
+    return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics)
+
+
+def export_onnx(model_dir: str, output: str, **options) -> dict:
+    """export.py as a function (not `export`: that name is the mmbert.export package): quantize="int8", opset=, exporter=, data=, rows=, tolerance=, int8_tolerance=.
+    Returns the export report (files, exporter, opset, verification, int8 drift)."""
+    from .cli import export_options
+    from .export import onnx
+
+    return onnx.export_onnx(model_dir, output, **export_options(options))

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny randomly initialised BERT (real tokenizer) and small real-data tables."""
+"""Shared fixtures: a tiny randomly initialised BERT (real tokenizer), small real-data tables, a folder of
+good and broken data files with a config and an untrained model dir for it, and the helpers that run
+train.py / evaluate.py and check their one-line errors."""
 from __future__ import annotations
 
 import os
@@ -13,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "womens_clothing_reviews.parquet")
+LABEL = "Recommended IND"
 
 
 @pytest.fixture(scope="session")
@@ -85,19 +88,79 @@ def make_model_dir(work, tiny_bert: str, **data) -> str:
     import torch
 
     from mmbert.artifact import build_model, save_artifact
+    from mmbert.assembly import model_spec
     from mmbert.config import load_config
     from mmbert.data.preprocess import Preprocessor
     from mmbert.data.tokenize import load_tokenizer
-    from mmbert.models.classifier import ModelSpec
 
-    cfg = load_config(write_config(work / "m.yaml", tiny_bert, str(work / "train.csv"), data=data))
+    cfg = load_config(write_config(work / "m.yaml", tiny_bert, str(work / "train.csv"), data=data,
+                                   model={"cat_embedding_dim": 8}))
     pre = Preprocessor.fit(pd.read_csv(work / "train.csv"), cfg.data, tiny_bert, str(work / "train.csv"))
-    spec = ModelSpec(fusion="cross_attn", hidden_dim=32, num_heads=2, dropout=0.0, pooling="cls",
-                     num_numeric=len(pre.numeric_columns),
-                     cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=8, num_classes=pre.num_classes, encoder=tiny_bert)
+    spec = model_spec(cfg, pre)
     torch.manual_seed(0)
     model = build_model(spec, tiny_bert, pretrained=True)
     out = str(work / "run" / "final")
     save_artifact(out, model.state_dict(), spec, model, pre, load_tokenizer(tiny_bert), cfg.to_dict())
     return out
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+def assert_one_line_error(r, *fragments: str):
+    """exit 2, one stderr line `error: ...` naming every fragment, no traceback anywhere."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- good and broken data files
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, reviews):
+    """A folder with a good 160-row file and one broken file per bad-input case."""
+    d = tmp_path_factory.mktemp("data_files")
+    df = reviews.iloc[:160].copy()
+    df.to_csv(d / "good.csv", index=False)
+    (d / "empty.csv").write_bytes(b"")
+    df.iloc[:0].to_csv(d / "header_only.csv", index=False)
+    df.drop(columns=["Age"]).to_csv(d / "no_age.csv", index=False)
+    text = df.astype({"Age": object})
+    text.loc[123, "Age"] = "forty-two"
+    text.to_csv(d / "age_text.csv", index=False)
+    seven = df.copy()
+    seven.loc[131, LABEL] = 7
+    seven.to_csv(d / "label7.csv", index=False)
+    seven.iloc[120:].to_csv(d / "val_label7.csv", index=False)  # row 11 of this file holds the 7
+    df.iloc[:120].to_csv(d / "train.csv", index=False)
+    latin = df.copy()
+    latin.loc[57, "Title"] = "MARKER"
+    latin.to_csv(d / "latin1.csv", index=False)
+    raw = (d / "latin1.csv").read_bytes()
+    (d / "latin1.csv").write_bytes(raw.replace(b"MARKER", b"caf\xe9 latin-1"))  # 0xE9 alone is not UTF-8
+    return d
+
+
+@pytest.fixture(scope="module")
+def train_cfg(work, tiny_bert):
+    return write_config(work / "c.yaml", tiny_bert, str(work / "good.csv"), dist={"strategy": "none"})
+
+
+def train_cli(cfg: str, out, *args: str, **kw):
+    return run_cli(["train.py", "--config", cfg, "--output-dir", str(out), "--max-steps", "1", *args],
+                   check=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def model_dir(work, tiny_bert):
+    """A consolidated model dir (random tiny model, preprocessing fitted on the first 120 rows), no training."""
+    return make_model_dir(work, tiny_bert)
+
+
+def eval_cli(model: str, data: str, out, *args: str):
+    return run_cli(["evaluate.py", "--model-dir", model, "--data", data, "--output-dir", str(out),
+                    "--no-progress", "--no-plots", *args], check=False)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from conftest import ROOT, write_config
+from conftest import ROOT, assert_one_line_error, train_cli, write_config
 
 from mmbert.cli import parse_train_args
 from mmbert.config import Config, load_config
@@ -199,3 +199,43 @@ def test_missing_or_broken_config_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+# ----------------------------------------------------------------------------- through train.py
+# Real processes: the same kind of mistakes end in one `error:` line (exit 2).
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,fragments", [
+    (["--set", "data.labels=[1]"], ["'data.labels'", "at least 2 distinct"]),
+    (["--set", "data.labels=[0, 1, 0]"], ["'data.labels'", "at least 2 distinct"]),
+    (["--set", "train.bach_size=4"], ["'train.bach_size'"]),  # unknown key
+    (["--set", "train.lr=fast"], ["'train.lr'", "fast"]),  # wrong type
+    (["--set", "model.fusion=attention"], ["'model.fusion'", "attention"]),  # unknown fusion
+    (["--strategy", "horovod"], ["--strategy", "horovod"]),  # unknown strategy
+], ids=["one pinned label", "repeated pinned label", "unknown key", "wrong type", "unknown fusion",
+        "unknown strategy"])
+def test_train_bad_config_is_one_line(train_cfg, tmp_path, args, fragments):
+    assert_one_line_error(train_cli(train_cfg, tmp_path / "run", *args), *fragments)
+
+
+@pytest.mark.slow
+def test_train_wrong_class_weight_length(train_cfg, tmp_path):
+    r = train_cli(train_cfg, tmp_path / "run", "--set", "train.class_weights=[1, 2, 3]")
+    assert_one_line_error(r, "'train.class_weights'", "3 values", "2 classes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder,fragments", [
+    ("no-such-org/no-such-model", ["tokenizer 'no-such-org/no-such-model'", "HF_HUB_OFFLINE=1"]),
+    ("/no/such/encoder/folder", ["encoder folder not found: /no/such/encoder/folder"]),
+], ids=["hub id", "folder"])
+def test_train_encoder_not_found_offline(train_cfg, tmp_path, encoder, fragments):
+    r = train_cli(train_cfg, tmp_path / "run", "--encoder", encoder, env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(r, *fragments)
+
+
+@pytest.mark.slow
+def test_debug_flag_shows_the_traceback(train_cfg, tmp_path):
+    r = train_cli(train_cfg, tmp_path / "run", "--data", str(tmp_path / "nope.csv"), "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "DataError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: data file not found: {tmp_path / 'nope.csv'}"

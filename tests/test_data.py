@@ -1,10 +1,14 @@
 """Data: chunked tokenization, dynamic collate, preprocessing fitted on train only, labels, bad input."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mmbert.config import DataConfig, SplitConfig
 from mmbert.data.dataset import collate
@@ -12,7 +16,7 @@ from mmbert.data.io import load_table
 from mmbert.data.pipeline import build_dataset, load_splits
 from mmbert.data.preprocess import Preprocessor
 from mmbert.data.tokenize import chunk_tokenize, load_tokenizer
-from mmbert.errors import DataError
+from mmbert.errors import DataError, MMBertError
 
 NUM = ["Rating", "Age", "Positive Feedback Count"]
 CAT = ["Division Name", "Department Name", "Class Name"]
@@ -359,3 +363,244 @@ def test_missing_column_names_column_and_file(tmp_path, reviews):
     with pytest.raises(DataError) as e:
         load_splits(dcfg(path=path, split=SplitConfig(fractions=[0.5, 0.5])))
     assert "'Review Text'" in str(e.value) and path in str(e.value)
+
+
+# ----------------------------------------------------------------------------- broken rows, stray and pinned labels
+
+def test_broken_row_names_the_file_and_line(tmp_path):
+    from mmbert.data.io import load_table
+    from mmbert.errors import DataError
+
+    path = tmp_path / "broken.csv"
+    path.write_text("a,b\n1,2\n3,4,5\n6,7\n")
+    with pytest.raises(DataError, match=rf"cannot read data file {path}: .*line 3"):
+        load_table(str(path))
+
+
+def test_stray_label_in_the_train_split_is_warned_about_by_row(work, tok):
+    """In the train split there is no label map yet: a `7` in 0/1 data becomes a third class. Training logs the
+    label map with its counts and warns about a class with a single row, naming file, column and row."""
+    import logging
+
+    from mmbert.config import DataConfig
+    from mmbert.data.pipeline import build_dataset, log_label_map
+    from mmbert.data.preprocess import Preprocessor
+
+    df = pd.read_csv(work / "label7.csv")
+    cfg = DataConfig(text_columns=["Title"], numeric_columns=["Age"], label_column=LABEL, max_tokens=16, max_chunks=1)
+    pre = Preprocessor.fit(df, cfg, "tok", "label7.csv")
+    assert pre.classes == [0, 1, 7]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mmbert.main")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        log_label_map(pre, build_dataset(pre, tok, df, "label7.csv"), "label7.csv")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    counts = df[LABEL].value_counts()
+    assert f"label map of '{LABEL}' (train rows): 0={counts[0]}, 1={counts[1]}, 7=1" in messages
+    warning = [m for r, m in zip(records, messages) if r.levelno == logging.WARNING and "only train row" in m]
+    assert warning == [f"label7.csv: column '{LABEL}', row 131: label 7 is the only train row of its class (every "
+                       f"distinct train label is a class): check for a stray value"]
+
+
+def test_pinned_label_map_keeps_its_order_and_names(work):
+    """The pinned order is the class order (binary: the second is the positive class); string maps work too."""
+    from mmbert.config import DataConfig
+    from mmbert.data.preprocess import Preprocessor
+
+    df = pd.read_csv(work / "train.csv")
+    cfg = DataConfig(text_columns=["Title"], label_column=LABEL, labels=[1, 0])
+    pre = Preprocessor.fit(df, cfg, "tok", "train.csv")
+    assert pre.classes == [1, 0] and pre.labels_pinned
+    labels = df[LABEL].to_numpy()
+    assert (pre.encode_labels(df, "train.csv") == 1 - labels).all()
+    named = df.assign(**{LABEL: np.where(labels == 1, "yes", "no")})
+    cfg = DataConfig(text_columns=["Title"], label_column=LABEL, labels=["no", "yes", "maybe"])
+    pre = Preprocessor.fit(named, cfg, "tok", "named.csv")
+    assert pre.classes == ["no", "yes", "maybe"] and pre.label_type == "string"
+    assert (pre.encode_labels(named, "named.csv") == labels).all()
+
+
+# ----------------------------------------------------------------------------- text and numeric edge cases
+
+def test_empty_and_whitespace_texts_are_counted_and_give_one_empty_chunk(tok):
+    from mmbert.config import DataConfig
+    from mmbert.data.pipeline import build_dataset
+    from mmbert.data.preprocess import Preprocessor
+
+    df = pd.DataFrame({"a": ["fine", "", "   \n\t", None, np.nan, "ok"], "b": [None, " ", "", "  ", None, "x"],
+                       "x": [1.0, 2, 3, 4, 5, 6], "y": [0, 1, 0, 1, 0, 1]})
+    pre = Preprocessor.fit(df, DataConfig(text_columns=["a", "b"], numeric_columns=["x"], label_column="y",
+                                          max_tokens=16, max_chunks=2), "tok", "t.csv")
+    ds = build_dataset(pre, tok, df, "t.csv")
+    assert ds.enc.texts == ["fine", "", "", "", "", "ok. x"]
+    assert ds.enc.report["empty_texts"] == 4
+    for i in (1, 2, 3, 4):  # one [CLS] [SEP] chunk: the model masks it (tests/test_model.py)
+        assert [c.tolist() for c in ds.chunks[i]] == [[tok.cls_token_id, tok.sep_token_id]]
+
+
+@pytest.mark.parametrize("kind", ["sentences", "long words", "one word"])
+def test_100k_character_text_is_capped_by_max_chunks_and_reported(tok, kind):
+    """A 100k-character text keeps exactly the first max_chunks chunks of its full tokenization, and is
+    counted as cut when it has more; a text slightly over the character cap loses nothing."""
+    from mmbert.data.tokenize import chunk_tokenize
+
+    text = {"sentences": "The dress fits well and the colour is lovely. " * 2200,
+            "long words": ("a" * 150 + " ") * 700,  # each word one [UNK]: 700 tokens
+            "one word": "a" * 100_000}[kind]  # one [UNK]: nothing to cut
+    short = "x" * 600 + " fits well" * 10  # just over 3 x 14 x 16 characters: the cap must not cut it
+    assert len(text) >= 100_000
+    full = [tok(t, add_special_tokens=False)["input_ids"] for t in (text, short)]
+    chunks, truncated = chunk_tokenize(tok, [text, short], max_tokens=16, max_chunks=3)
+    assert truncated == (1 if len(full[0]) > 42 else 0)
+    assert truncated == {"sentences": 1, "long words": 1, "one word": 0}[kind]
+    for ch, ids in zip(chunks, full):
+        assert len(ch) <= 3 and all(c[0] == tok.cls_token_id and c[-1] == tok.sep_token_id for c in ch)
+        assert [t for c in ch for t in c[1:-1]] == ids[:42]
+
+
+def test_infinite_and_huge_numerics_are_missing_or_clipped_and_counted():
+    """+-inf, and values beyond float32's range (infinite for the model), are missing (median + indicator);
+    standardised values beyond +-1e4 are clipped: every case counted, every model input finite."""
+    from mmbert.config import DataConfig
+    from mmbert.data.preprocess import Preprocessor
+
+    df = pd.DataFrame({"t": ["a"] * 6, "x": [1.0, np.inf, 3.0, -np.inf, 1e39, 5.0], "y": [0, 1] * 3})
+    pre = Preprocessor.fit(df, DataConfig(text_columns=["t"], numeric_columns=["x"], label_column="y"), "tok", "f")
+    assert pre.numeric_stats["x"]["median"] == 3.0  # from the finite values only
+    enc = pre.transform(df, "f")
+    assert enc.missing[:, 0].tolist() == [0, 1, 0, 1, 1, 0]
+    assert np.isfinite(enc.numeric).all()
+    assert enc.report == {"infinite_numeric_as_missing": {"x": 3}}
+    test = df.assign(x=[1e30, -1e30, 2.0, np.nan, 4.0, 1e38])
+    enc = pre.transform(test, "f")
+    assert enc.report == {"numeric_clipped": {"x": 3}}
+    assert enc.numeric[:, 0].tolist()[:2] == [1e4, -1e4] and np.isfinite(enc.numeric).all()
+
+
+# ----------------------------------------------------------------------------- stale cache, ids
+
+@pytest.mark.parametrize("new_rows", [4, 6], ids=["same size", "different size"])
+def test_rewritten_file_with_restored_mtime_is_read_again(tmp_path, monkeypatch, new_rows):
+    """cp -p / rsync -t / tar restore the old mtime over new content: the new rows must be read, never the
+    cached old ones (the datasets cache keyed a local file on path + mtime)."""
+    from mmbert.data.io import load_table
+
+    monkeypatch.setenv("MMBERT_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"id": [1, 2, 3, 4], "x": [0.5] * 4}).to_csv(path, index=False)
+    before = os.stat(path)
+    assert load_table(str(path))["id"].tolist() == [1, 2, 3, 4]
+    new = pd.DataFrame({"id": [5 + i for i in range(new_rows)], "x": [0.5] * new_rows})
+    new.to_csv(path, index=False)
+    if new_rows == 4:
+        assert os.path.getsize(path) == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns
+    assert load_table(str(path))["id"].tolist() == new["id"].tolist()
+
+
+def test_integer_ids_of_a_parquet_file_with_missing_values_stay_integers(tmp_path, monkeypatch):
+    """Parquet/JSON ids are cast to text in Arrow: a nullable int64 column does not go through float."""
+    from mmbert.data.io import load_table
+
+    monkeypatch.setenv("MMBERT_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"rid": pd.array([9007199254740993, None, 123], dtype="Int64"), "x": [1.0, 2, 3]}).to_parquet(path)
+    ids = load_table(str(path), ["rid"])["rid"]
+    assert ids[0] == "9007199254740993" and pd.isna(ids[1]) and ids[2] == "123"
+    assert load_table(str(path))["x"].tolist() == [1.0, 2.0, 3.0]  # other columns keep their types
+
+
+# ----------------------------------------------------------------------------- evaluation shards: fewer rows than ranks
+
+def test_eval_shard_gives_every_rank_the_same_number_of_positions():
+    from mmbert.data.samplers import eval_shard
+
+    for n in range(1, 8):
+        for world in range(1, 6):
+            parts = [eval_shard(n, r, world, np.arange(n)) for r in range(world)]
+            assert len({len(s) for s, _ in parts}) == 1
+            own = np.concatenate([s[real] for s, real in parts])
+            assert sorted(own.tolist()) == list(range(n))
+
+
+# ----------------------------------------------------------------------------- property-based preprocessing
+
+_texts = st.one_of(st.none(), st.just(""), st.just(" \t\n"), st.text(max_size=40),
+                   st.text(alphabet=st.characters(codec="utf-8"), min_size=200, max_size=600))
+_numbers = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
+                     st.sampled_from(["", " ", "3.5", "1e3", "-7", "NaN", "inf"]), st.booleans())
+_cats = st.one_of(st.none(), st.just(float("nan")), st.text(max_size=5), st.integers(0, 5),
+                  st.floats(0, 5).map(float))
+
+
+@st.composite
+def tables(draw, label_kind: str):
+    n = draw(st.integers(1, 12))
+
+    def col(s):
+        return draw(st.lists(s, min_size=n, max_size=n))
+
+    labels = col(st.sampled_from([0, 1, 2] if label_kind == "int" else ["no", "yes"]))
+    df = pd.DataFrame({"t1": col(_texts), "t2": col(_texts), "x": col(_numbers), "c": col(_cats), "y": labels})
+    # now and then one bad cell: a missing label, text in the numeric column
+    if draw(st.integers(0, 7)) == 0:
+        df.loc[draw(st.integers(0, n - 1)), "y"] = None
+    if draw(st.integers(0, 7)) == 0:
+        df["x"] = df["x"].astype(object)
+        df.loc[draw(st.integers(0, n - 1)), "x"] = "abc"
+    # odd dtypes for the same values: pandas' nullable / categorical / string types, float32, bool
+    for c, dtypes in (("x", ["Float64", "float32", "string", "bool"]), ("c", ["category", "string", "Int64"]),
+                      ("y", ["Int64", "string", "category"])):
+        dtype = draw(st.sampled_from([None, *dtypes]))
+        if dtype is not None:
+            try:
+                df[c] = df[c].astype(dtype)
+            except (TypeError, ValueError, OverflowError):
+                pass  # these values cannot take that dtype: keep them as they are
+    return df
+
+
+@st.composite
+def train_and_test(draw):
+    kind = draw(st.sampled_from(["int", "str"]))
+    return draw(tables(kind)), draw(tables(kind))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(tables=train_and_test())
+def test_random_tables_give_valid_tensors_or_a_clear_error(tok, tables):
+    from mmbert.config import DataConfig
+    from mmbert.data.dataset import collate
+    from mmbert.data.pipeline import build_dataset
+    from mmbert.data.preprocess import Preprocessor
+
+    train, test = tables
+    test.index = test.index + 1000  # rows of another file
+    cfg = DataConfig(text_columns=["t1", "t2"], numeric_columns=["x"], categorical_columns=["c"], label_column="y",
+                     max_tokens=12, max_chunks=2)
+    try:
+        pre = Preprocessor.fit(train, cfg, "tok", "train.csv")
+        for df, file in ((train, "train.csv"), (test, "test.csv")):
+            ds = build_dataset(pre, tok, df, file)
+            b = collate(ds, np.arange(len(ds)), tok.pad_token_id)
+            n = len(df)
+            B, C, T = b["input_ids"].shape
+            assert B == n and 1 <= C <= 2 and 2 <= T <= 12
+            assert b["attention_mask"].shape == (B, C, T) and b["chunk_mask"][:, 0].all()
+            assert torch.isfinite(b["numeric"]).all() and b["numeric"].shape == (n, 1)
+            assert set(b["missing"].unique().tolist()) <= {0.0, 1.0}
+            assert ((b["categorical"] >= 0) & (b["categorical"] <= len(pre.vocabularies["c"]))).all()
+            assert ((b["labels"] >= 0) & (b["labels"] < pre.num_classes)).all() and pre.num_classes >= 2
+            assert ds.enc.rows.tolist() == df.index.tolist()
+    except MMBertError as e:
+        msg = str(e)
+        assert "\n" not in msg and ("train.csv" in msg or "test.csv" in msg), msg

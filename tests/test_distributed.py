@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, write_config
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +57,7 @@ def losses(run_dir: str) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow
 def test_none_ddp_fsdp_agree(config, tmp_path):
     """Same global batch (16): 1 process x 16 vs 2 processes x 8, DDP and FSDP."""
     runs = {"none": (1, 16), "ddp": (2, 8), "fsdp": (2, 8)}
@@ -81,6 +81,7 @@ def test_none_ddp_fsdp_agree(config, tmp_path):
     assert losses(tmp_path / "none")[4] < losses(tmp_path / "none")[1]
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
     out = str(tmp_path / "run")
     run_cli(["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "4", "--checkpoint-every", "2",
@@ -104,6 +105,7 @@ def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
     assert os.path.isfile(os.path.join(out, "final", "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_frozen_word_embeddings_stay_fixed_and_fsdp_still_matches_none(config, no_dropout_bert, tmp_path):
     """model.freeze_word_embeddings under FSDP2 (frozen and trained parameters in one shard group), with a
     checkpoint and resume in between: the table ends bit-identical to the pretrained one, everything else
@@ -132,6 +134,7 @@ def test_frozen_word_embeddings_stay_fixed_and_fsdp_still_matches_none(config, n
         assert got[step] == pytest.approx(ref[step], abs=1e-5), step
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_clobbered(config, tmp_path):
     out = str(tmp_path / "run")
     run_cli(["train.py", "--config", config, "--max-steps", "1", "--output-dir", out])
@@ -151,6 +154,7 @@ def _wait_for_step(path: str, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError("run did not reach the step in time")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_saves_and_resume_matches_uninterrupted(config, tmp_path):
     args = ["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "14", "--set", "train.log_every=1"]
     # the uninterrupted reference
@@ -192,3 +196,73 @@ def test_partial_checkpoints_are_skipped(tmp_path):
             (root / name / COMPLETE).write_text("ok")
     assert find_latest(str(root)) == str(root / "step_4")
     assert find_latest(str(tmp_path / "nothing")) is None
+
+
+# ----------------------------------------------------------------------------- SIGKILL, resume
+
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env[b"RANK"])
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_stops_the_job_and_resume_auto_finishes(tiny_bert, work, tmp_path):
+    """2 ranks (torchrun, gloo, FSDP, no restarts), a checkpoint every step; rank 0 is SIGKILLed once a
+    checkpoint exists. The job must end non-zero on its own (no hang), no final/ model is written, and
+    `--resume auto` continues from the newest complete checkpoint (skipping a step dir without COMPLETE
+    and a .tmp_step_N, even one holding a COMPLETE file) to the end, with one continuous step count."""
+    from mmbert.distributed.checkpoint import COMPLETE, list_complete
+
+    steps = 30
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, str(work / "good.csv"),
+                       train={"select_best": False, "eval_each_epoch": False, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    root = str(out / "checkpoints")
+    args = ["train.py", "--config", cfg, "--strategy", "fsdp", "--max-steps", str(steps), "--batch-size", "4",
+            "--output-dir", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--max-restarts", "0"] + args,
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list_complete(root) or list_complete(root)[-1][0] < 2:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2
+        victim = next(p for p in workers if _rank_of(p) == 0)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        rc = proc.wait(timeout=150)  # no hang: torchrun stops the surviving rank, collectives time out anyway
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    text = (tmp_path / "killed.log").read_text()
+    assert rc != 0, text[-3000:]
+    assert time.time() - killed_at < 150
+    assert not (out / "final").exists()
+    done = list_complete(root)
+    assert done and done[-1][0] < steps, text[-3000:]
+    last, last_dir = done[-1]
+
+    # leftovers a kill can leave: a renamed-looking step dir without COMPLETE, a .tmp_step_N (even complete)
+    for name in (f"step_{last + 5}", f".tmp_step_{last + 6}"):
+        shutil.copytree(last_dir, os.path.join(root, name))
+    os.remove(os.path.join(root, f"step_{last + 5}", COMPLETE))
+
+    r = run_cli(args + ["--resume", "auto"], nproc=2, timeout=400)
+    assert f"resumed from {last_dir} at step {last}" in r.stdout + r.stderr
+    records = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"loss"' in ln]
+    assert [rec["step"] for rec in records] == list(range(1, steps + 1))  # continuous, nothing twice
+    with open(out / "final" / "train_summary.json") as f:
+        assert json.load(f)["steps"] == steps
+    assert list_complete(root)[-1][0] == steps

@@ -1,16 +1,20 @@
-"""evaluate.py with real processes (torchrun, gloo on CPU): every row once, in input order, on any world size."""
+"""evaluate.py with real processes (torchrun, gloo on CPU): every row once, in input order, on any world size;
+ids that come back exactly, NaN models, fewer rows than ranks (evaluation and training validation), and
+model directories that lie, refused before allocating. CLI stops follow docs/HARDENING.md: exit 2, one
+`error: ` line, no traceback, nothing written."""
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli, write_config
-
-pytestmark = pytest.mark.slow
+import torch
+from conftest import assert_one_line_error, make_model_dir, run_cli, write_config
 
 PNGS = ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "probability_histogram.png")
 SCALARS = ("n", "accuracy", "f1", "precision", "recall", "roc_auc", "pr_auc", "mcc", "log_loss",
@@ -98,6 +102,7 @@ def single(binary_model, data101, tmp_path_factory) -> str:
 
 # ----------------------------------------------------------------------------- binary
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_ranks_agree_with_one_process_and_count_every_row_once(binary_model, data101, single, tmp_path, nproc):
     out = str(tmp_path / "out")
@@ -128,6 +133,7 @@ def test_ranks_agree_with_one_process_and_count_every_row_once(binary_model, dat
     assert_same_run(out, single, ["prob"])
 
 
+@pytest.mark.slow
 def test_prediction_run_without_label_column(binary_model, data101, single, tmp_path):
     nolabel = str(tmp_path / "nolabel.tsv")
     pd.read_csv(data101, dtype={"rid": str}).drop(columns=["Recommended IND"]).to_csv(nolabel, sep="\t", index=False)
@@ -146,6 +152,7 @@ def test_prediction_run_without_label_column(binary_model, data101, single, tmp_
     np.testing.assert_allclose(pred["prob"], ref["prob"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_split_from_model_config_reproduces_training_validation(binary_model, tmp_path):
     """--split val takes the rows from the config.yaml in the model dir (fractions + seed here) and the
     data.path recorded there; its metrics equal the validation that selected this model in train.py."""
@@ -162,6 +169,7 @@ def test_split_from_model_config_reproduces_training_validation(binary_model, tm
     assert read_tsv(os.path.join(out, "predictions.tsv"))["row"].tolist() == fraction_split(240, [0.75, 0.25], 0)["val"].tolist()
 
 
+@pytest.mark.slow
 def test_indices_keep_list_order_and_max_rows(binary_model, data101, single, tmp_path):
     idx = tmp_path / "idx.txt"
     idx.write_text("\n".join(map(str, [90, 3, 55, 7, 100, 0, 42])) + "\n")
@@ -192,6 +200,7 @@ def bands(tiny_bert, reviews, tmp_path_factory):
     return model, test, df.iloc[200:]
 
 
+@pytest.mark.slow
 def test_multiclass_string_labels(bands, tmp_path):
     model, test, df = bands
     out2 = str(tmp_path / "two")
@@ -218,6 +227,7 @@ def test_multiclass_string_labels(bands, tmp_path):
         assert os.path.exists(os.path.join(out2, png)), png
 
 
+@pytest.mark.slow
 def test_label_outside_label_map_is_one_line_naming_the_row(bands, tmp_path):
     model, test, _ = bands
     df = pd.read_json(test, lines=True)
@@ -234,7 +244,7 @@ def test_label_outside_label_map_is_one_line_naming_the_row(bands, tmp_path):
 
 def test_bad_arguments_are_one_line(tmp_path):
     from mmbert.errors import ConfigError
-    from mmbert.evaluation.run import parse_eval_args
+    from mmbert.cli import parse_eval_args
 
     base = ["--model-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     for extra, words in ((["--split", "test", "--indices", "x.txt"], "not allowed with"),
@@ -248,7 +258,7 @@ def test_metrics_and_pictures_in_process(tmp_path):
     """The shared metric code against scikit-learn, and pictures for degenerate data (one class present)."""
     from sklearn import metrics as M
 
-    from mmbert.evaluation.metrics import compute_metrics, summary_table
+    from mmbert.metrics import compute_metrics, summary_table
     from mmbert.evaluation.plots import write_plots
 
     rng = np.random.default_rng(0)
@@ -271,3 +281,248 @@ def test_metrics_and_pictures_in_process(tmp_path):
     assert len(paths) == 4 and all(os.path.getsize(p) > 1000 for p in paths)
     three = rng.dirichlet(np.ones(3), 30)
     assert len(write_plots(str(tmp_path), three, ["a", "b", "c"])) == 1  # no labels: the histogram only
+
+
+# ----------------------------------------------------------------------------- a model with ids
+# These module fixtures stand in for conftest's `work` / `model_dir`: train.csv with a text id column `rid`.
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, reviews):
+    """train.csv (120 rows with a text id column `rid`) and a model dir whose preprocessing names `rid` as
+    the id column: a random tiny model, nothing trained."""
+    d = tmp_path_factory.mktemp("eval_ids")
+    train = reviews.iloc[:120].copy()
+    train.insert(0, "rid", [f"r{i}" for i in range(len(train))])
+    train.to_csv(d / "train.csv", index=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(work, tiny_bert):
+    return make_model_dir(work, tiny_bert, id_column="rid")
+
+
+def eval_cli(model: str, data: str, out, *args: str, nproc: int = 1, timeout: int = 300):
+    return run_cli(["evaluate.py", "--model-dir", model, "--data", data, "--output-dir", str(out),
+                    "--no-progress", "--no-plots", "--timeout-s", "60", *args], nproc=nproc, timeout=timeout,
+                   check=False)
+
+
+def assert_every_rank_stops(r, *fragments: str):
+    """Several ranks: each stops with the same one-line `[rank R] error: ...` (torchrun may end a rank before
+    it prints, once another rank has exited: so at least one line, and every line the same error), no
+    traceback of ours; torchrun's summary of the failed workers follows."""
+    assert r.returncode != 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("[rank ") and "] error: " in ln]
+    assert lines, r.stderr[-3000:]
+    assert all(all(f in ln for f in fragments) for ln in lines), (fragments, lines)
+    assert "mmbert/" not in r.stderr, r.stderr[-3000:]  # no frame of ours: no traceback from the package
+
+
+def outputs(out) -> list[str]:
+    return sorted(os.listdir(out)) if os.path.isdir(out) else []
+
+
+# ----------------------------------------------------------------------------- ids come back exactly
+
+IDS = ["00123", "9007199254740993", "a\rb", "c\nd", "e\tf", '"q" x', "NA", " sp ", None, "-0", "1e3", "r5"]
+
+
+def read_back(path) -> tuple[list[str], list[str]]:
+    """The id column as a user reads it: pandas with dtype=str and keep_default_na=False, and Python's csv."""
+    by_pandas = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)["rid"].tolist()
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    by_csv = [row[rows[0].index("rid")] for row in rows[1:]]
+    return by_pandas, by_csv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ids_come_back_exactly_in_every_prediction_file(work, model_dir, tmp_path, fmt):
+    """Leading zeros, a 17-digit integer, tabs / newlines / a lone \\r / quotes, `NA`, a missing id: the
+    merged predictions.tsv and both rank files give back exactly the input's ids (a missing id: empty)."""
+    df = pd.read_csv(work / "train.csv").iloc[:len(IDS)].copy()
+    df["rid"] = pd.array(IDS, dtype=object)
+    path = tmp_path / f"ids.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)  # the \r inside quotes, as any writer does
+    else:
+        df.to_parquet(path)
+    expect = ["" if v is None else v for v in IDS]
+    r = eval_cli(model_dir, str(path), tmp_path / "out", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = tmp_path / "out" / "predictions.tsv"
+    assert read_back(pred) == (expect, expect)
+    assert pd.read_csv(pred, sep="\t", dtype=str, keep_default_na=False)["row"].tolist() == [
+        str(i) for i in range(len(IDS))]
+    shards: dict[int, str] = {}
+    for rank in (0, 1):
+        f = tmp_path / "out" / f"test_result_rank{rank}.tsv"
+        rows = pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)["row"].astype(int).tolist()
+        got, by_csv = read_back(f)
+        assert got == by_csv == [expect[i] for i in rows]
+        shards.update(zip(rows, got))
+    assert sorted(shards) == list(range(len(IDS)))
+
+
+# ----------------------------------------------------------------------------- a NaN model, undefined metrics
+
+@pytest.fixture(scope="module")
+def nan_model(model_dir, work):
+    from safetensors.torch import load_file, save_file
+
+    d = work / "nan_final"
+    shutil.copytree(model_dir, d)
+    sd = load_file(d / "model.safetensors")
+    sd["fusion_head.fusion.head.out.bias"][0] = float("nan")
+    save_file(sd, d / "model.safetensors")
+    return str(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_nan_model_stops_before_any_file_is_written(work, nan_model, tmp_path, nproc):
+    """NaN outputs: one line naming how many rows and the first one, on every rank, and no prediction file
+    (not even a rank's own): every rank decides on the same merged probabilities before writing."""
+    data = str(work / "train.csv")
+    r = eval_cli(nan_model, data, tmp_path / "out", nproc=nproc)
+    fragments = ["NaN/inf probabilities", "for 120 of 120 rows", "first: row 0", nan_model]
+    if nproc == 1:
+        assert_one_line_error(r, *fragments)
+    else:
+        assert_every_rank_stops(r, *fragments)
+    assert outputs(tmp_path / "out") == []
+
+
+def test_metrics_of_a_one_class_split_are_none_never_nan():
+    """Undefined metrics (one class present) are None in every report: the same keys, never nan or 0.0."""
+    from mmbert.metrics import compute_metrics
+
+    undefined = ("roc_auc", "pr_auc", "best_threshold_f1", "best_threshold")
+    for labels in ([0, 0, 0], [1, 1, 1], [0]):
+        m = compute_metrics(np.asarray(labels), np.tile([[0.3, 0.7]], (len(labels), 1)), ["0", "1"])
+        assert all(m[k] is None for k in undefined), m
+    m = compute_metrics(np.asarray([0, 1]), np.asarray([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]), ["a", "b", "c"])
+    assert m["roc_auc"] is None and m["pr_auc"] == 1.0
+
+
+# ----------------------------------------------------------------------------- fewer rows than ranks
+
+@pytest.mark.slow
+def test_three_ranks_evaluate_one_row(work, model_dir, tmp_path):
+    path = tmp_path / "one.csv"
+    pd.read_csv(work / "train.csv").iloc[[7]].to_csv(path, index=False)
+    r = eval_cli(model_dir, str(path), tmp_path / "out", nproc=3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert pred["row"].tolist() == ["0"] and pred["rid"].tolist() == ["r7"]
+    ranks = [pd.read_csv(tmp_path / "out" / f"test_result_rank{i}.tsv", sep="\t") for i in range(3)]
+    assert [len(x) for x in ranks] == [1, 0, 0]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 1
+
+
+@pytest.mark.slow
+def test_three_rank_ddp_training_with_one_val_row_finishes(work, tiny_bert, tmp_path):
+    """Validation shards through the same eval_shard: the two ranks without a row score a padding repeat,
+    so every rank runs the same collectives. A 60 s collective timeout makes a hang fail fast."""
+    val = tmp_path / "val.csv"
+    pd.read_csv(work / "train.csv").iloc[[3]].to_csv(val, index=False)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, None,
+                       data={"split": {"train_file": str(work / "train.csv"), "val_file": str(val)}},
+                       dist={"timeout_s": 60})
+    out = tmp_path / "run"
+    r = run_cli(["train.py", "--config", cfg, "--strategy", "ddp", "--max-steps", "2", "--batch-size", "4",
+                 "--output-dir", str(out)], nproc=3, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").exists()
+    evals = [json.loads(ln) for ln in open(out / "metrics.jsonl") if '"split": "val"' in ln]
+    assert evals and evals[-1]["n"] == 1
+
+
+# ----------------------------------------------------------------------------- model directories that lie
+
+def _edit_json(rel: str, **changes):
+    def edit(d):
+        raw = json.loads((d / rel).read_text())
+        for key, value in changes.items():
+            if callable(value):
+                value(raw)
+            else:
+                raw[key] = value
+        (d / rel).write_text(json.dumps(raw))
+    return edit
+
+
+def _reshape_tensor(d):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    sd["fusion_head.fusion.head.out.bias"] = torch.zeros(3)
+    save_file(sd, d / "model.safetensors")
+
+
+def _python_tag(d):
+    marker = d / "PWNED"
+    text = (d / "config.yaml").read_text()
+    (d / "config.yaml").write_text(f"pwn: !!python/object/apply:os.system ['touch {marker}']\n" + text)
+
+
+def _first_cardinality(raw):
+    raw["cardinalities"][0] = 50_000_000
+
+
+def _zero_std(raw):
+    raw["numeric_stats"]["Age"]["std"] = 0
+
+
+TAMPERED = {  # case -> (edit of a copy of the model dir, fragments of the one-line error)
+    "spec cardinality 5e7": (_edit_json("model_spec.json", cardinalities=_first_cardinality),
+                             ["model_spec.json", "'cardinalities'", "50000000"]),
+    "spec hidden_dim 64": (_edit_json("model_spec.json", hidden_dim=64), ["model.safetensors", "model_spec.json"]),
+    "spec hidden_dim 1e9": (_edit_json("model_spec.json", hidden_dim=10**9), ["model_spec.json"]),
+    "spec num_classes float": (_edit_json("model_spec.json", num_classes=5e7),
+                               ["model_spec.json", "'num_classes' must be an integer"]),
+    "encoder vocab 1e10": (_edit_json("encoder/config.json", vocab_size=10**10),
+                           ["model.safetensors", "encoder/config.json (field 'vocab_size')"]),
+    "encoder layers 1e9": (_edit_json("encoder/config.json", num_hidden_layers=10**9),
+                           ["encoder/config.json", "'num_hidden_layers'"]),
+    "tensor of the wrong shape": (_reshape_tensor, ["model.safetensors", "fusion_head.fusion.head.out.bias",
+                                                    "has shape [3]", "implies [2]"]),
+    "max_tokens -5": (_edit_json("preprocessing.json", max_tokens=-5),
+                      ["preprocessing.json", "'max_tokens' must be an integer >= 8", "-5"]),
+    "max_tokens beyond positions": (_edit_json("preprocessing.json", max_tokens=10**6),
+                                    ["preprocessing.json", "'max_tokens'", "max_position_embeddings"]),
+    "numeric std 0": (_edit_json("preprocessing.json", numeric_stats=_zero_std),
+                      ["preprocessing.json", "'numeric_stats.Age'"]),
+    "yaml python tag": (_python_tag, ["config.yaml", "not valid YAML"]),
+}
+MEMORY_LIMIT = 3 * 2**30  # address space of the evaluate process: a multi-GB allocation fails loudly
+
+
+def limited_eval(model: str, out, *args: str):
+    """evaluate.py under RLIMIT_AS = MEMORY_LIMIT."""
+    limited = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
+               "sys.argv = sys.argv[1:]; runpy.run_path('evaluate.py', run_name='__main__')").format(MEMORY_LIMIT)
+    return run_cli(["-c", limited, "evaluate.py", "--model-dir", model, "--output-dir", str(out), "--no-progress",
+                    "--no-plots", *args], timeout=120, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_model_dir_is_one_line_before_allocating(work, model_dir, tmp_path, case):
+    edit, fragments = TAMPERED[case]
+    d = tmp_path / "final"
+    shutil.copytree(model_dir, d)
+    edit(d)
+    rows = ["--split", "val"] if case == "yaml python tag" else ["--data", str(work / "train.csv")]
+    r = limited_eval(str(d), tmp_path / "out", *rows)
+    assert_one_line_error(r, *fragments)
+    assert outputs(tmp_path / "out") == [] and not (d / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_untampered_model_dir_scores_under_the_memory_limit(work, model_dir, tmp_path):
+    """The limit of the tampering test leaves room for a real evaluation."""
+    r = limited_eval(model_dir, tmp_path / "out", "--data", str(work / "train.csv"))
+    assert r.returncode == 0, r.stderr[-3000:]

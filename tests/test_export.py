@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_config
+from conftest import assert_one_line_error, run_cli, write_config
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # every test exports ONNX or runs export.py / train.py
 
 TEXT = ["input_ids", "attention_mask"]
 NUM = ["numeric", "missing"]
@@ -46,24 +48,22 @@ def make_run(workdir, tiny_bert):
         import torch
 
         from mmbert.artifact import build_model, save_artifact
+        from mmbert.assembly import model_spec
         from mmbert.config import load_config
         from mmbert.data.pipeline import load_splits
         from mmbert.data.preprocess import Preprocessor
         from mmbert.data.tokenize import load_tokenizer
-        from mmbert.models.classifier import ModelSpec, effective_fusion
 
         pooling, data_over, _ = CASES[fusion]
         path = write_config(workdir / f"{fusion}.yaml", tiny_bert, str(workdir / "reviews.parquet"),
                             model={"fusion": fusion, "pooling": pooling})
-        cfg = load_config(path, [(f"data.{k}", v) for k, v in data_over.items()])
+        cfg = load_config(path, [(f"data.{k}", v) for k, v in data_over.items()]
+                          + [("model.hidden_dim", 32), ("model.num_heads", 2), ("model.dropout", 0.0),
+                             ("model.cat_embedding_dim", 8)])
         dc = cfg.data
         split = load_splits(dc)["train"]
         pre = Preprocessor.fit(split.df, dc, tiny_bert, split.file)
-        spec = ModelSpec(fusion=effective_fusion(fusion, bool(dc.numeric_columns or dc.categorical_columns)),
-                         hidden_dim=32, num_heads=2, dropout=0.0, pooling=pooling,
-                         num_numeric=len(pre.numeric_columns),
-                         cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                         cat_embedding_dim=8, num_classes=pre.num_classes, encoder=tiny_bert)
+        spec = model_spec(cfg, pre)
         torch.manual_seed(1)
         model = build_model(spec, tiny_bert, pretrained=True)
         with torch.no_grad():  # a random head gives p ~ 0.5 everywhere: spread it to make the check meaningful
@@ -106,14 +106,15 @@ def _shape_batches(model_dir: str, reviews):
     """Batches the exporter did not verify on: other rows, batch 1 / 5 / 13, 1-3 chunks, 3-32 tokens."""
     import torch
 
-    from mmbert.artifact import load_artifact
+    from mmbert.artifact import open_model_dir
     from mmbert.data.dataset import TableDataset, collate
     from mmbert.data.pipeline import build_dataset
     from mmbert.data.tokenize import chunk_tokenize
 
-    model, pre, tok = load_artifact(model_dir)
+    md = open_model_dir(model_dir)
+    model, pre, tok = md.model, md.pre, md.tokenizer
     ds = build_dataset(pre, tok, reviews.iloc[300:340], "reviews", with_labels=False)
-    pad = tok.pad_token_id
+    pad = md.pad_id
     short, _ = chunk_tokenize(tok, ds.enc.texts, 10, 3)
     batches = [collate(ds, [int(np.argmin(ds.lengths))], pad), collate(ds, [int(np.argmax(ds.lengths))], pad),
                collate(ds, list(range(5)), pad), collate(TableDataset(ds.enc, short), list(range(13)), pad),
@@ -125,7 +126,7 @@ def _shape_batches(model_dir: str, reviews):
 
 @pytest.mark.parametrize("fusion", list(CASES))
 def test_roundtrip_every_fusion(fusion, exported, reviews):
-    from mmbert.export.onnx import OnnxScorer
+    from mmbert.serving import OnnxScorer
 
     run, path, report = exported(fusion)
     expected_inputs = CASES[fusion][2]
@@ -158,10 +159,11 @@ def test_int8_and_self_contained_folder(exported, reviews, tmp_path):
     copy runs and stays close."""
     import torch
 
-    from mmbert.artifact import load_artifact
+    from mmbert.artifact import open_model_dir
     from mmbert.data.dataset import collate
     from mmbert.data.pipeline import build_dataset
-    from mmbert.export.onnx import INT8_SETTINGS, INT8_TOLERANCE, OnnxScorer
+    from mmbert.export.onnx import INT8_SETTINGS, INT8_TOLERANCE
+    from mmbert.serving import OnnxScorer
 
     run, path, report = exported("cross_attn")
     folder = tmp_path / "served"
@@ -169,7 +171,8 @@ def test_int8_and_self_contained_folder(exported, reviews, tmp_path):
     rows = reviews.iloc[340:380].drop(columns=["Recommended IND"])
     probs = OnnxScorer(str(folder)).predict_frame(rows, batch_size=7)
 
-    model, pre, tok = load_artifact(run)
+    md = open_model_dir(run)
+    model, pre, tok = md.model, md.pre, md.tokenizer
     ds = build_dataset(pre, tok, rows, "rows", with_labels=False)
     with torch.no_grad():
         ref = torch.softmax(model.forward_batch(collate(ds, np.arange(len(ds)), tok.pad_token_id)), -1).numpy()
@@ -188,7 +191,7 @@ def test_int8_and_self_contained_folder(exported, reviews, tmp_path):
 
 def test_tampered_onnx_is_a_clear_error(exported, tmp_path):
     from mmbert.errors import ArtifactError
-    from mmbert.export.onnx import OnnxScorer
+    from mmbert.serving import OnnxScorer
 
     _, path, _ = exported("cross_attn")
     folder = tmp_path / "tampered"
@@ -268,3 +271,146 @@ def test_train_export_then_evaluate_onnx_matches_torch(workdir, tiny_bert, tmp_p
     assert ma["accuracy"] == mb["accuracy"] and abs(ma["log_loss"] - mb["log_loss"]) < 1e-4
     ranks = [pd.read_csv(tmp_path / "ev_onnx" / f"test_result_rank{r}.tsv", sep="\t") for r in (0, 1)]
     assert sorted(pd.concat(ranks)["row"]) == sorted(b["row"])
+
+
+# ----------------------------------------------------------------------------- int8 without VNNI
+
+def _avx2_evaluator(path: str):
+    """onnx's numpy reference evaluator, with MatMulInteger computed as onnxruntime's u8 x s8 kernel computes it
+    on CPUs without VNNI (AVX2, AVX-512 before VNNI): vpmaddubsw adds each two adjacent-K products u8*s8 into a
+    saturating int16, vpmaddwd then sums those pairs exactly in int32."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class MatMulInteger(OpRun):
+        def _run(self, a, b, a_zero_point=None, b_zero_point=None):
+            assert b.dtype == np.int8, "only the u8 x s8 kernel is emulated"
+            k = a.shape[-1]
+            a, b = a.astype(np.int64), b.astype(np.int64)
+            if k % 2:  # a zero pair member adds nothing
+                a, b = np.concatenate([a, 0 * a[..., :1]], -1), np.concatenate([b, 0 * b[:1]], 0)
+            pairs = a[..., 0::2, None] * b[0::2] + a[..., 1::2, None] * b[1::2]  # ... x K/2 x N
+            raw = np.clip(pairs, -2**15, 2**15 - 1).sum(-2)
+            za = 0 if a_zero_point is None else a_zero_point.astype(np.int64)
+            zb = 0 if b_zero_point is None else b_zero_point.astype(np.int64)
+            return ((raw - za * b.sum(0) - zb * a.sum(-1, keepdims=True) + k * za * zb).astype(np.int32),)
+
+    class GatherElements(OpRun):  # onnx's reference kernel fails on this graph's shapes; same semantics
+        def _run(self, data, indices, axis=None):
+            return (np.take_along_axis(data, indices.astype(np.int64), axis or 0),)
+
+    return ReferenceEvaluator(path, new_ops=[MatMulInteger, GatherElements])
+
+
+def _int8_weights(path: str) -> list[np.ndarray]:
+    import onnx
+
+    m = onnx.load(path)
+    init = {i.name: i for i in m.graph.initializer}
+    return [onnx.numpy_helper.to_array(init[n.input[1]]) for n in m.graph.node
+            if n.op_type == "MatMulInteger" and n.input[1] in init]
+
+
+def test_int8_is_the_same_on_cpus_without_vnni(make_run, tmp_path):
+    """Case 8: on an AMD EPYC without AVX-512 VNNI the int8 copy drifted from fp32 by up to 0.89 (u8 x s8 pair
+    sums clipped to int16), fine on VNNI CPUs. 7-bit weights keep every pair sum exact on every x86 kernel."""
+    import mmbert.export.onnx as ox
+    from mmbert import serving
+    from mmbert.artifact import open_model_dir
+
+    run = make_run("cross_attn")
+    out = tmp_path / "int8" / "model.onnx"
+    report = ox.export_onnx(run, str(out), quantize="int8", say=lambda _: None)
+    q_path = str(out.parent / "model.int8.onnx")
+    md = open_model_dir(run)
+    batches, _ = ox.verification_batches(run, md.spec, md.pre, md.tokenizer)
+    native, avx2 = serving.session(q_path), _avx2_evaluator(q_path)
+    for b in batches:
+        feeds = serving.feeds(native, b)
+        got, emulated = native.run([serving.OUTPUT], feeds)[0], avx2.run([serving.OUTPUT], feeds)[0]
+        np.testing.assert_allclose(emulated, got, atol=1e-5, rtol=0, err_msg="a CPU without VNNI scores differently")
+    weights = _int8_weights(q_path)
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64 for w in weights)
+
+    i8 = report["int8"]
+    assert i8["max_abs_drift_vs_fp32"] <= i8["tolerance"] == ox.INT8_TOLERANCE
+    recorded = json.loads((out.parent / "onnx_manifest.json").read_text())["exports"]["model.onnx"]["int8"]
+    assert recorded["quantization"] == ox.INT8_SETTINGS and recorded["quantization"]["reduce_range"] is True
+    assert recorded["max_abs_drift_vs_fp32"] == i8["max_abs_drift_vs_fp32"]
+
+
+def test_int8_beyond_the_tolerance_is_refused(make_run, tmp_path):
+    """A tolerance no int8 model meets: one line with the measured drift and the tolerance, exit 2, no file."""
+    out = tmp_path / "refused"
+    r = run_cli(["export.py", "--model-dir", make_run("cross_attn"), "--output", str(out), "--quantize", "int8",
+                 "--int8-tolerance", "1e-9"], check=False)
+    line = assert_one_line_error(r, "nothing written")
+    m = re.search(r"drift from fp32 by max \|dp\| (\S+) > int8 tolerance 1e-09 ", line)
+    assert m and float(m.group(1)) > 1e-9, line
+    assert os.listdir(out) == []  # neither the int8 copy nor the fp32 model it came with
+
+
+# ----------------------------------------------------------------------------- export folders
+
+def _snapshot(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(make_run, tmp_path):
+    """Case 12: exporting into a folder holding a user's config.yaml, model_spec.json and tokenizer/ replaced
+    and deleted them, exit 0. Now: one line naming the folder and what it holds, exit 2, every byte kept."""
+    folder = tmp_path / "mine"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.yaml").write_text("data: {path: my.csv}\n")
+    (folder / "model_spec.json").write_text('{"mine": true}\n')
+    (folder / "tokenizer" / "vocab.txt").write_text("[PAD]\nhello\n")
+    before = _snapshot(folder)
+    r = run_cli(["export.py", "--model-dir", make_run("tab_only"), "--output", str(folder)], check=False)
+    assert_one_line_error(r, str(folder), "not an earlier export", "config.yaml, model_spec.json, tokenizer/")
+    assert _snapshot(folder) == before and sorted(os.listdir(folder)) == ["config.yaml", "model_spec.json",
+                                                                           "tokenizer"]
+
+
+def test_reexport_replaces_an_earlier_export_without_stale_files(make_run, tmp_path):
+    """An earlier export (its manifest says so) is replaced whole: nothing of it (another model name, its int8
+    copy, a config.yaml the new run lacks, old tokenizer files) is left mixed with the new one; files the
+    export never wrote stay; a failed export leaves the folder as it was."""
+    from mmbert.errors import ArtifactError
+    from mmbert.export.onnx import export_onnx
+    from mmbert.serving import OnnxScorer
+
+    folder = tmp_path / "served"
+    export_onnx(make_run("tab_only"), str(folder / "old.onnx"), quantize="int8", exporter="torchscript",
+                say=lambda _: None)
+    (folder / "tokenizer" / "stale.txt").write_text("from the old export\n")
+    (folder / "NOTES.txt").write_text("the user's own notes\n")
+    run = tmp_path / "text_only_final"  # a run without config.yaml: the old export's must go
+    shutil.copytree(make_run("text_only"), run)
+    os.remove(run / "config.yaml")
+    report = export_onnx(str(run), str(folder), say=lambda _: None)
+
+    assert sorted(os.listdir(folder)) == ["NOTES.txt", "model.onnx", "model_spec.json", "onnx_manifest.json",
+                                          "preprocessing.json", "tokenizer"]
+    assert _snapshot(folder / "tokenizer") == _snapshot(run / "tokenizer")
+    assert (folder / "model_spec.json").read_bytes() == (run / "model_spec.json").read_bytes()
+    manifest = json.loads((folder / "onnx_manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx"} and set(manifest["exports"]) == {"model.onnx"}
+    assert report["files"] == ["model.onnx"] and OnnxScorer(str(folder)).input_names == report["inputs"]
+
+    before, listing = _snapshot(folder), sorted(os.listdir(folder))
+    with pytest.raises(ArtifactError, match="int8 tolerance"):
+        export_onnx(make_run("tab_only"), str(folder), quantize="int8", exporter="torchscript", int8_tolerance=0,
+                    say=lambda _: None)
+    assert _snapshot(folder) == before and sorted(os.listdir(folder)) == listing
+
+
+def test_python_tag_in_the_model_dirs_config_is_one_line(make_run, tmp_path):
+    """Case 10 through export.py: a YAML python tag in config.yaml is never constructed (safe_load) and stops
+    with one line naming the file, not a traceback from the verification-row lookup."""
+    model = tmp_path / "model"
+    shutil.copytree(make_run("tab_only"), model)
+    (model / "config.yaml").write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    r = run_cli(["export.py", "--model-dir", str(model), "--output", str(tmp_path / "out")], check=False)
+    assert_one_line_error(r, f"{model / 'config.yaml'} is not valid YAML")
+    assert "pwned" not in r.stdout + r.stderr

@@ -1,5 +1,6 @@
-"""The life of a run around the model (reliability round 2): reused and shared output directories,
-resumes with a changed config, extended runs, undefined metrics, disk full. Real train.py processes."""
+"""Run state around the model: output directories (finished, interrupted, locked, unwritable, full), checkpoints
+(incomplete, damaged, disk full mid-write), resumes with a changed config, extended runs, undefined metrics.
+Mostly real train.py processes."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,11 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli, write_config
+import torch
+from conftest import ROOT, assert_one_line_error, run_cli, train_cli, write_config
 from safetensors.torch import load_file
-from test_hardening import assert_one_line_error
 
+from mmbert.errors import ArtifactError, ConfigError
 from mmbert.training.optim import lr_factor
 
 
@@ -47,6 +49,7 @@ def loss_steps(out) -> list[int]:
 
 # ----------------------------------------------------------------------------- reused output directories
 
+@pytest.mark.slow
 def test_interrupted_run_dir_is_refused_and_overwrite_clears_all_of_it(cfg, tmp_path):
     out = tmp_path / "run"
     train(cfg, out, "--max-steps", "4")
@@ -64,6 +67,7 @@ def test_interrupted_run_dir_is_refused_and_overwrite_clears_all_of_it(cfg, tmp_
         assert json.load(f)["steps"] == 2
 
 
+@pytest.mark.slow
 def test_resume_auto_without_a_checkpoint_starts_clean(cfg, tmp_path):
     out = tmp_path / "run"
     train(cfg, out, "--max-steps", "1", "--set", "train.checkpoint_every=null")
@@ -77,6 +81,7 @@ def test_resume_auto_without_a_checkpoint_starts_clean(cfg, tmp_path):
     assert (out / "best" / "model.safetensors").read_bytes() != b"stale"
 
 
+@pytest.mark.slow
 def test_overwrite_and_resume_auto_together_are_refused(cfg, tmp_path):
     r = train(cfg, tmp_path / "run", "--max-steps", "1", "--overwrite", "--resume", "auto", check=False)
     assert_one_line_error(r, "--overwrite deletes the checkpoints", "--resume auto")
@@ -90,6 +95,7 @@ def _wait_for(path, proc: subprocess.Popen, timeout: float = 120):
     assert os.path.exists(path), "the first run never got going"
 
 
+@pytest.mark.slow
 def test_second_training_into_a_locked_dir_is_refused_and_a_dead_holder_frees_it(cfg, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -110,6 +116,7 @@ def test_second_training_into_a_locked_dir_is_refused_and_a_dead_holder_frees_it
     assert f"resumed from {out / 'checkpoints' / f'step_{step}'} at step {step}" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_marked_complete_without_its_shard_is_refused(cfg, tmp_path):
     out = tmp_path / "run"
     train(cfg, out, "--max-steps", "4")
@@ -121,6 +128,7 @@ def test_checkpoint_marked_complete_without_its_shard_is_refused(cfg, tmp_path):
 
 # ----------------------------------------------------------------------------- resume with a changed config
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,named", [
     (["--fusion", "concat"], ["model.fusion 'cross_attn' -> 'concat'"]),
     (["--max-tokens", "16", "--seed", "3"], ["data.max_tokens 32 -> 16", "train.seed 42 -> 3"]),
@@ -133,6 +141,7 @@ def test_resume_with_a_changed_model_or_data_key_names_each_key(cfg, tmp_path, a
     assert loss_steps(out) == [1, 2]
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_replans_the_schedule_and_applies_a_new_lr(cfg, tmp_path):
     out = tmp_path / "run"
     base = ["--set", "train.select_best=false", "--set", "train.warmup_ratio=0.25"]
@@ -152,6 +161,7 @@ def test_extending_a_finished_run_replans_the_schedule_and_applies_a_new_lr(cfg,
     assert moved > 1e-4, "the weights did not move after the old end"
 
 
+@pytest.mark.slow
 def test_resume_restores_best_as_it_was_at_the_checkpoint(cfg, tmp_path):
     """best/ written after the checkpoint (by the part of the run a resume repeats) never survives the
     resume: final/ is the best model of the resumed history, matching train_summary's best_step."""
@@ -170,6 +180,7 @@ def test_resume_restores_best_as_it_was_at_the_checkpoint(cfg, tmp_path):
 
 # ----------------------------------------------------------------------------- undefined metrics, limits, disk
 
+@pytest.mark.slow
 def test_one_class_val_split_never_selects_a_nan_best(data, tiny_bert, tmp_path, reviews):
     df = reviews.iloc[:120].copy()
     ones = [i for i in range(100, 120) if df.loc[i, "Recommended IND"] == 1]
@@ -189,6 +200,7 @@ def test_one_class_val_split_never_selects_a_nan_best(data, tiny_bert, tmp_path,
     assert summary["best_step"] is None and summary["steps"] == 2
 
 
+@pytest.mark.slow
 def test_max_tokens_beyond_the_encoders_positions_stops_before_reading_data(cfg, tmp_path):
     r = train(cfg, tmp_path / "run", "--max-steps", "1", "--max-tokens", "1024", check=False)
     assert_one_line_error(r, "'data.max_tokens' (1024) exceeds the 128 positions of encoder",
@@ -209,6 +221,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_partial_dir(cfg, small_disk):
     out = small_disk / "run"
     r = train(cfg, out, "--max-steps", "6", "--set", "train.keep_checkpoints=3", "--set", "train.select_best=false",
@@ -218,3 +231,56 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_partial_dir(cfg
     left = os.listdir(out / "checkpoints")
     assert not [d for d in left if d.startswith(".tmp")], left
     assert "step_2" in left and os.path.isfile(out / "checkpoints" / "step_2" / "COMPLETE")
+
+
+# ----------------------------------------------------------------------------- checked first
+
+@pytest.mark.slow
+def test_train_refuses_an_output_dir_with_a_finished_run(train_cfg, tmp_path):
+    """Never clobber work: without --resume or --overwrite the run stops before touching anything
+    (the full cycle, --overwrite included, runs in tests/test_distributed.py::test_finished_run_is_not_clobbered)."""
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"finished work")
+    r = train_cli(train_cfg, tmp_path / "run")
+    assert_one_line_error(r, f"output directory {tmp_path / 'run'} holds a finished run", "--resume auto",
+                          "--overwrite")
+    assert (final / "model.safetensors").read_bytes() == b"finished work"
+    assert sorted(os.listdir(tmp_path / "run")) == ["final"]
+
+
+@pytest.mark.slow
+def test_train_unwritable_output_dir_fails_before_training(work, train_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"  # cannot be created: its parent is a file (permissions do not stop root)
+    r = train_cli(train_cfg, out)
+    assert_one_line_error(r, f"output directory {out} is not writable")
+    assert "launcher=" not in r.stdout  # stopped before loading data or a model
+
+
+def test_disk_full_output_dir_fails_before_training(tmp_path, monkeypatch, train_cfg):
+    from mmbert.config import load_config
+    from mmbert.distributed.env import DistEnv
+    from mmbert.training import loop
+
+    class Usage:
+        total, used, free = 10 * 2**30, 10 * 2**30 - 2**20, 2**20
+
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda p: Usage)
+    cfg = load_config(train_cfg)
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "none")
+    with pytest.raises(ConfigError, match=r"output directory .*run has only 1 MiB free"):
+        loop.prepare_output_dir(str(tmp_path / "run"), cfg, env)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_incomplete_checkpoint_is_refused_by_name(tmp_path):
+    from mmbert.distributed.checkpoint import load_checkpoint
+
+    partial = tmp_path / "checkpoints" / "step_6"
+    partial.mkdir(parents=True)
+    (partial / "train_state.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"step_6 is incomplete \(no COMPLETE marker\)"):
+        load_checkpoint(str(partial), None, None, 0)

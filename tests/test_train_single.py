@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import run_cli, write_config
 
-from mmbert.artifact import build_model, load_artifact, save_artifact
+from mmbert.artifact import build_model, open_model_dir, save_artifact
 from mmbert.config import DataConfig, load_config
 from mmbert.data.dataset import collate
 from mmbert.data.pipeline import build_dataset, load_splits
@@ -41,6 +41,7 @@ def finetuned(tiny_bert, reviews, tmp_path_factory):
     return cfg, out, final, records
 
 
+@pytest.mark.slow
 def test_finetune_loss_goes_down(finetuned):
     *_, records = finetuned
     steps = [r for r in records if "loss" in r]
@@ -57,6 +58,7 @@ def test_finetune_loss_goes_down(finetuned):
     assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
+@pytest.mark.slow
 def test_finetune_writes_artifact_and_eval_records(finetuned):
     _, out, final, records = finetuned
     assert final == os.path.join(out, "final")
@@ -74,6 +76,7 @@ def test_finetune_writes_artifact_and_eval_records(finetuned):
     assert resolved["dist"]["strategy"] == "none"
 
 
+@pytest.mark.slow
 def test_reloaded_artifact_reproduces_the_selected_evaluation(finetuned):
     """final/ holds the best-evaluated weights: reloaded, they give that evaluation's numbers again."""
     from sklearn.metrics import log_loss, roc_auc_score
@@ -84,7 +87,8 @@ def test_reloaded_artifact_reproduces_the_selected_evaluation(finetuned):
     best = next(r for r in records if r.get("split") == "val" and r["step"] == summary["best_step"])
     assert best["roc_auc"] == max(r["roc_auc"] for r in records if r.get("split") == "val")
 
-    model, pre, tok = load_artifact(final)
+    _md = open_model_dir(final)
+    model, pre, tok = _md.model, _md.pre, _md.tokenizer
     assert not model.training
     with open(os.path.join(out, "preprocessing.json")) as f:
         assert pre.to_dict() == json.load(f)
@@ -120,7 +124,8 @@ def test_artifact_round_trip_gives_the_same_probabilities(tmp_path, tiny_bert, r
         before = probabilities(model.forward_batch(batch))
     out = str(tmp_path / "final")
     save_artifact(out, model.state_dict(), spec, model, pre, tok)
-    model2, pre2, tok2 = load_artifact(out)
+    _md = open_model_dir(out)
+    model2, pre2, tok2 = _md.model, _md.pre, _md.tokenizer
     assert pre2 == pre and model2.spec == spec
     batch2 = collate(build_dataset(pre2, tok2, df, "f"), np.arange(len(df)), tok2.pad_token_id)
     for k in batch:
@@ -133,6 +138,7 @@ def test_artifact_round_trip_gives_the_same_probabilities(tmp_path, tiny_bert, r
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
 
+@pytest.mark.slow
 def test_cli_missing_column_is_one_clear_line(tmp_path, tiny_bert, reviews):
     csv = str(tmp_path / "no_review_text.csv")
     reviews.iloc[:50].drop(columns=["Review Text"]).to_csv(csv, index=False)
@@ -145,3 +151,27 @@ def test_cli_missing_column_is_one_clear_line(tmp_path, tiny_bert, reviews):
     assert len(lines) == 1, r.stderr
     assert "'Review Text'" in lines[0] and csv in lines[0]
     assert not os.path.exists(os.path.join(tmp_path, "run", "final"))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_same_seed_gives_bit_identical_losses_and_weights(tiny_bert, work, tmp_path):
+    """One process, 3 steps twice with the same seed (dropout on in the encoder): the same bits."""
+    from safetensors.torch import load_file
+
+    from mmbert.config import load_config
+    from mmbert.training.loop import train
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", tiny_bert, str(work / "good.csv"),
+                                       train={"output_dir": str(out), "max_steps": 3, "select_best": False,
+                                              "eval_each_epoch": False, "seed": 5},
+                                       dist={"strategy": "none"}))
+        train(cfg)
+        losses = [json.loads(ln)["loss"] for ln in open(out / "metrics.jsonl") if '"loss"' in ln]
+        runs.append((losses, load_file(out / "final" / "model.safetensors")))
+    (la, wa), (lb, wb) = runs
+    assert len(la) == 3 and la == lb
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

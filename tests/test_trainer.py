@@ -1,0 +1,358 @@
+"""Each named step of mmbert.training.loop.Trainer on a real one-process gloo group inside pytest
+(env:// rendezvous on a free port, the group destroyed after every test), with the tiny BERT on real rows."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import write_config
+from safetensors.torch import load_file
+
+from mmbert.config import load_config
+from mmbert.data.dataset import batch_token_counts, collate, move_batch
+from mmbert.data.samplers import epoch_order, micro_batch
+from mmbert.distributed.env import cleanup, init_distributed
+from mmbert.training import loop
+from mmbert.training.loop import Trainer, TrainState
+from mmbert.training.optim import lr_factor
+
+run_model = loop.run_model  # the loop's own forward call (its home module moves between refactors)
+
+N_ROWS, N_TRAIN, N_VAL = 120, 90, 30  # fractions 0.75 / 0.25 of the first 120 shipped rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A real one-process gloo group through init_distributed (the torchrun path: env:// on MASTER_PORT)."""
+    assert not dist.is_initialized(), "an earlier test leaked a process group"
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("LOCAL_WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(k, raising=False)
+    # init_distributed reconfigures the "mmbert" loggers and torch's thread count: put them back afterwards
+    saved_loggers = [(lg, lg.handlers[:], lg.level, lg.propagate)
+                     for lg in (logging.getLogger("mmbert"), logging.getLogger("mmbert.main"))]
+    threads = torch.get_num_threads()
+    try:
+        e = init_distributed(timeout_s=60)
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
+        assert (e.rank, e.world_size, e.is_main, e.launcher, e.device.type) == (0, 1, True, "torchrun", "cpu")
+        yield e
+    finally:
+        cleanup()
+        torch.set_num_threads(threads)
+        for lg, handlers, level, propagate in saved_loggers:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+    assert not dist.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, reviews) -> str:
+    path = tmp_path_factory.mktemp("trainer") / "d.csv"
+    reviews.iloc[:N_ROWS].to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture
+def make(tmp_path, tiny_bert, data, env):
+    """make(upto="restore", out=..., data_section=..., model_section=..., **train) -> a Trainer built up to
+    (and including) `upto`."""
+    steps = ("build_data", "build_model", "plan_steps", "restore")
+
+    def build(upto: str = "restore", out=None, data_section: dict | None = None, model_section: dict | None = None,
+              **train) -> Trainer:
+        out = str(out or tmp_path / "run")
+        os.makedirs(out, exist_ok=True)
+        train = {"output_dir": out, "batch_size": 8, "lr": 1e-3, "head_lr": 5e-3, "warmup_ratio": 0.0,
+                 "max_steps": 6, "seed": 0, "progress_bar": False, "metric": "roc_auc", **train}
+        cfg = load_config(write_config(os.path.join(out, "..", f"{os.path.basename(out)}.yaml"), tiny_bert, data,
+                                       data=data_section or {}, model=model_section or {}, train=train,
+                                       dist={"strategy": "none"}))
+        t = Trainer(cfg, env)
+        for name in steps[:steps.index(upto) + 1]:
+            getattr(t, name)()
+        return t
+
+    return build
+
+
+def records(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+
+
+# ----------------------------------------------------------------------------- train_step / log_step
+
+@pytest.mark.parametrize("class_weights", [None, [2.0, 0.5]], ids=["unweighted", "class_weights"])
+def test_train_step_advances_state_updates_weights_and_reports_the_batch_loss(make, class_weights):
+    t = make(batch_size=4, grad_accum=2, warmup_steps=2, class_weights=class_weights,
+             model_section={"freeze_word_embeddings": True})
+    assert (t.G, t.n, t.spe, t.total_steps) == (8, N_TRAIN, N_TRAIN // 8, 6)
+    frozen = {n for n, p in t.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"text_encoder.encoder.embeddings.word_embeddings.weight"}
+    groups = t.optimizer.param_groups
+    base = [g["initial_lr"] for g in groups]
+    assert sorted(set(base)) == [1e-3, 5e-3]  # encoder groups at lr, the rest at head_lr
+    lr0 = [b * lr_factor(0, 2, 6, "linear") for b in base]  # warmup 2 steps: half the base lr at step 0
+    assert [g["lr"] for g in groups] == pytest.approx(lr0)
+    ref = copy.deepcopy(t.model)  # the pre-step weights
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    order = t.epoch_order().copy()
+    micro = [micro_batch(order, 0, m, 0, 1, 4) for m in range(2)]
+    assert np.array_equal(np.concatenate(micro), order[:8])
+
+    rng = torch.get_rng_state()  # the encoder's dropout is on: replay the same masks for the reference
+    st = t.train_step()
+    assert (t.state.step, t.state.position, t.state.epoch) == (1, 8, 0)
+
+    torch.set_rng_state(rng)
+    batches = [collate(t.train_ds, rows, t.pad_id) for rows in micro]
+    with torch.no_grad():  # micro-batch by micro-batch, as the step ran them (same dropout masks)
+        logits = torch.cat([run_model(ref, move_batch(b, t.env.device)).float() for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    w = torch.tensor(class_weights) if class_weights else None
+    expected = float(F.cross_entropy(logits, labels, weight=w))  # (weighted) mean over the global batch of 8
+    loss = float(st.loss_sum / st.denom)
+    assert math.isfinite(loss) and loss == pytest.approx(expected, rel=1e-5)
+    assert float(st.denom) == pytest.approx(8.0 if w is None else float(w[labels].sum()))
+    assert (st.real_tokens, st.padded_tokens) == tuple(map(sum, zip(*(batch_token_counts(b) for b in batches))))
+    assert 0 < st.real_tokens <= st.padded_tokens and math.isfinite(float(st.grad_norm)) and float(st.grad_norm) > 0
+
+    after = dict(t.model.named_parameters())
+    unchanged = [n for n, p in after.items() if p.requires_grad and torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged
+    assert all(torch.equal(after[n].detach(), before[n]) for n in frozen)
+    # AdamW's first update of a no-decay parameter is lr * g / (|g| + eps): its largest move is the lr the step
+    # ran at (the scheduler's value before its step), not the next one
+    name_of = {id(p): n for n, p in t.model.named_parameters()}
+    for g, lr in zip(groups, lr0):
+        if g["weight_decay"] == 0:
+            moved = max(float((after[name_of[id(p)]].detach() - before[name_of[id(p)]]).abs().max())
+                        for p in g["params"])
+            assert moved == pytest.approx(lr, rel=1e-3)
+    assert t.scheduler.get_last_lr() == pytest.approx([b * lr_factor(1, 2, 6, "linear") for b in base])
+    assert [g["lr"] for g in groups] == t.scheduler.get_last_lr()
+
+    t.log_step(st)  # the metrics record of that step
+    (rec,) = records(t.out)
+    assert (rec["step"], rec["epoch"]) == (1, 0)
+    assert rec["loss"] == pytest.approx(loss, rel=1e-6) and rec["lr"] == pytest.approx(t.scheduler.get_last_lr()[0])
+
+
+# ----------------------------------------------------------------------------- epoch_order
+
+def test_epoch_order_is_a_seeded_permutation_that_advances_the_epoch(make, tmp_path):
+    t = make()
+    order = t.epoch_order().copy()
+    assert len(t.train_ds) == N_TRAIN and sorted(order.tolist()) == list(range(N_TRAIN))
+    assert np.array_equal(order, epoch_order(N_TRAIN, 0, 0, t.train_ds.lengths, t.tc.bucket_block))
+    t.order_epoch = -1  # recomputed: same epoch and seed, same order
+    assert np.array_equal(t.epoch_order(), order)
+    other = make(out=tmp_path / "other")  # a second trainer with the same seed
+    assert np.array_equal(other.epoch_order(), order)
+    assert not np.array_equal(epoch_order(N_TRAIN, 0, 1, t.train_ds.lengths, t.tc.bucket_block), order)
+
+    t.state.position = N_TRAIN // 8 * 8 - 8  # the last full global batch of the epoch still fits
+    assert np.array_equal(t.epoch_order(), order) and (t.state.epoch, t.state.position) == (0, 80)
+    t.train_step()
+    assert (t.state.step, t.state.epoch, t.state.position) == (1, 0, 88)
+    nxt = t.epoch_order().copy()  # 88 + 8 > 90: the 2 leftover rows are skipped, epoch 1 starts
+    assert (t.state.epoch, t.state.position) == (1, 0)
+    assert sorted(nxt.tolist()) == list(range(N_TRAIN)) and not np.array_equal(nxt, order)
+    assert np.array_equal(nxt, epoch_order(N_TRAIN, 1, 0, t.train_ds.lengths, t.tc.bucket_block))
+    t.train_step()
+    assert (t.state.step, t.state.epoch, t.state.position) == (2, 1, 8)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_evaluate_logs_val_metrics_keeps_best_and_counts_non_improving(make, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    t = make(early_stopping_patience=2, select_best=True)
+    t.train_step()
+    t.evaluate()
+    assert t.model.training  # back in train mode (dropout on) for the next step
+    (rec,) = [r for r in records(t.out) if r.get("split") == "val"]
+    assert (rec["step"], rec["epoch"], rec["n"]) == (1, 0, N_VAL) and "classes" not in rec
+    model = t.model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(run_model(model, collate(t.val_ds, np.arange(N_VAL), t.pad_id)), -1)[:, 1].numpy()
+    model.train()
+    assert len(set(t.val_ds.enc.labels.tolist())) == 2
+    assert rec["roc_auc"] == pytest.approx(roc_auc_score(t.val_ds.enc.labels, probs), abs=1e-6)
+    assert all(k in rec for k in ("accuracy", "log_loss", "f1", "pr_auc"))
+    s = t.state
+    assert (s.best_metric, s.best_step, s.evals_since_best, s.last_eval_step) == (rec["roc_auc"], 1, 0, 1)
+    best_file = os.path.join(t.best_dir, "model.safetensors")
+    assert_same_weights(load_file(best_file), weights(t.model))
+    best_bytes = open(best_file, "rb").read()
+
+    t.state.step = 2  # the same weights again: equal is not better
+    t.evaluate()
+    assert (s.best_metric, s.best_step, s.evals_since_best, s.last_eval_step) == (rec["roc_auc"], 1, 1, 2)
+    assert t.stop_reason is None
+
+    real = loop.compute_metrics
+
+    def undefined(labels, p, names):
+        return {**real(labels, p, names), "roc_auc": None}
+
+    monkeypatch.setattr(loop, "compute_metrics", undefined)
+    t.state.step = 3  # undefined: neither best nor a count towards early stopping
+    t.evaluate()
+    assert (s.best_metric, s.best_step, s.evals_since_best, s.last_eval_step) == (rec["roc_auc"], 1, 1, 3)
+    assert records(t.out)[-1]["roc_auc"] is None
+    monkeypatch.setattr(loop, "compute_metrics", real)
+
+    t.state.step = 4  # second non-improving evaluation: patience 2 reached
+    t.evaluate()
+    assert s.evals_since_best == 2 and t.stop_reason and "early stopping" in t.stop_reason
+    assert open(best_file, "rb").read() == best_bytes  # best/ untouched since step 1
+    assert [r["step"] for r in records(t.out) if r.get("split") == "val"] == [1, 2, 3, 4]
+
+    def better(labels, p, names):
+        return {**real(labels, p, names), "roc_auc": rec["roc_auc"] + 0.01}
+
+    monkeypatch.setattr(loop, "compute_metrics", better)
+    t.train_step()  # step 5, new weights
+    t.evaluate()
+    assert (s.best_metric, s.best_step, s.evals_since_best) == (pytest.approx(rec["roc_auc"] + 0.01), 5, 0)
+    assert_same_weights(load_file(best_file), weights(t.model))
+
+
+def test_evaluate_one_class_val_split_never_becomes_best(make, tmp_path, reviews):
+    ones = [i for i in range(N_TRAIN, N_ROWS) if reviews.loc[i, "Recommended IND"] == 1]
+    (tmp_path / "train.txt").write_text("\n".join(map(str, range(N_TRAIN))))
+    (tmp_path / "val.txt").write_text("\n".join(map(str, ones)))
+    t = make(data_section={"split": {"train_indices": str(tmp_path / "train.txt"),
+                                     "val_indices": str(tmp_path / "val.txt")}})
+    assert len(t.val_ds) == len(ones) and set(t.val_ds.enc.labels.tolist()) == {1}
+    for step in (0, 1):
+        t.state.step = step
+        t.evaluate()
+    assert (t.state.best_metric, t.state.best_step, t.state.evals_since_best, t.state.last_eval_step) == (None, None,
+                                                                                                         0, 1)
+    assert not os.path.exists(t.best_dir)
+    assert [(r["step"], r["roc_auc"]) for r in records(t.out)] == [(0, None), (1, None)]
+
+
+# ----------------------------------------------------------------------------- save -> restore
+
+def test_save_then_restore_in_a_fresh_trainer_restores_everything(make, tmp_path):
+    out = tmp_path / "run"
+    t = make(out=out)
+    t.train_step()
+    t.train_step()
+    t.evaluate()  # best/ at step 2
+    t.train_step()
+    t.save()
+    ckpt_dir = out / "checkpoints" / "step_3"
+    assert os.path.isfile(ckpt_dir / "COMPLETE") and os.path.isfile(ckpt_dir / "best" / "model.safetensors")
+    saved = t.state.to_dict()
+    assert (saved["step"], saved["position"], saved["best_step"], saved["last_eval_step"]) == (3, 24, 2, 2)
+    w3 = weights(t.model)
+    opt3 = copy.deepcopy(t.optimizer.state_dict())
+    lr3 = t.scheduler.get_last_lr()
+    rng3 = torch.get_rng_state()
+    best3 = open(out / "best" / "model.safetensors", "rb").read()
+
+    st4 = t.train_step()  # what the run did after the checkpoint: a resume repeats it
+    t.log_step(st4)
+    t.save_model(t.best_dir)  # best/ written after the checkpoint
+    assert open(out / "best" / "model.safetensors", "rb").read() != best3
+    w4 = weights(t.model)
+
+    fresh = make(out=out, resume="auto")
+    assert fresh.state.to_dict() == saved
+    assert_same_weights(weights(fresh.model), w3)
+    opt = fresh.optimizer.state_dict()
+    assert opt["state"].keys() == opt3["state"].keys() and len(opt["state"]) == len(list(fresh.model.parameters()))
+    for i, s in opt3["state"].items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt["state"][i][k], s[k]), (i, k)
+    assert fresh.scheduler.get_last_lr() == lr3 and [g["lr"] for g in fresh.optimizer.param_groups] == lr3
+    assert torch.equal(torch.get_rng_state(), rng3)
+    assert open(out / "best" / "model.safetensors", "rb").read() == best3
+    assert [r["step"] for r in records(out)] == [2]  # the step-4 record is cut; the step-2 eval stays
+
+    st = fresh.train_step()  # the resumed step 4 is the same step 4
+    assert float(st.loss_sum / st.denom) == pytest.approx(float(st4.loss_sum / st4.denom), rel=1e-6)
+    assert (fresh.state.step, fresh.state.position) == (4, 32)
+    for k, v in weights(fresh.model).items():
+        torch.testing.assert_close(v, w4[k], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- finalize
+
+@pytest.mark.parametrize("select_best,eval_at", [(True, 1), (False, 1), (True, None)],
+                         ids=["best", "select_best_off", "never_evaluated"])
+def test_finalize_writes_best_or_last_weights_and_the_summary(make, select_best, eval_at):
+    t = make(select_best=select_best)
+    for step in (1, 2):
+        t.train_step()
+        if step == eval_at:
+            t.evaluate()
+    last = weights(t.model)
+    final = t.finalize()
+    assert final == os.path.join(t.out, "final")
+    got = load_file(os.path.join(final, "model.safetensors"))
+    if select_best and eval_at:
+        assert open(os.path.join(final, "model.safetensors"), "rb").read() == \
+            open(os.path.join(t.best_dir, "model.safetensors"), "rb").read()
+        assert any(not torch.equal(got[k], last[k]) for k in got)  # step 1's weights, not step 2's
+    else:
+        assert_same_weights(got, last)
+        assert os.path.exists(t.best_dir) == (select_best and eval_at is not None)
+    for name in ("model_spec.json", "preprocessing.json", "config.yaml", "tokenizer", "encoder/config.json"):
+        assert os.path.exists(os.path.join(final, name)), name
+    with open(os.path.join(final, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["steps"], summary["epochs"], summary["best_step"], summary["world_size"],
+            summary["strategy"]) == (2, 0, eval_at, 1, "none")
+    assert summary["best_metric"] == t.state.best_metric and (summary["best_metric"] is None) == (eval_at is None)
+    assert not os.path.exists(final + ".tmp")
+
+
+# ----------------------------------------------------------------------------- TrainState
+
+def test_train_state_round_trip_ignores_unknown_keys():
+    s = TrainState(step=7, epoch=2, position=40, best_metric=0.81, best_step=5, evals_since_best=1, last_eval_step=6)
+    d = s.to_dict()
+    assert d == {"step": 7, "epoch": 2, "position": 40, "best_metric": 0.81, "best_step": 5, "evals_since_best": 1,
+                 "last_eval_step": 6}
+    assert TrainState.from_dict(d) == s
+    assert TrainState.from_dict(json.loads(json.dumps(d))) == s
+    extra = {**d, "lr_plan": {"warmup": 0}, "config": {}, "snapshots": ["best"], "world_size": 2, "rng_restored": True}
+    assert TrainState.from_dict(extra) == s
+    assert TrainState.from_dict({"step": 3, "unknown": 1}) == TrainState(step=3)  # missing keys: the defaults
+    assert TrainState.from_dict({}).to_dict() == TrainState().to_dict()

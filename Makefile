@@ -1,11 +1,12 @@
-# `make train`: set up and train on the shipped data; `make test`: set up and run the test suite.
+# `make train`: set up and train on the shipped data; `make test`: set up and run the whole test suite (CI);
+# `make test-fast`: the unit tests only (no tests marked slow: training processes, torchrun, ONNX exports, SLURM).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test
+.PHONY: setup train test test-fast
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -24,3 +25,6 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)

@@ -11,6 +11,7 @@ caller passes trust_remote_code.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -51,7 +52,12 @@ class Predictor:
         if len(df) == 0:
             probs = np.zeros((0, len(self.classes)), np.float32)
         else:
-            ds = build_dataset(self._pre, self._tokenizer, df, "<rows>", with_labels=False, name="predict")
+            pre = self._pre
+            if pre.id_column and pre.id_column not in df.columns:  # ids label outputs; scoring needs none
+                pre = dataclasses.replace(pre, id_column=None)
+            # positions 0..n-1 (preprocessing numbers rows by the index); the caller's index labels the output
+            ds = build_dataset(pre, self._tokenizer, df.reset_index(drop=True), "<rows>", with_labels=False,
+                               name="predict")
             probs = score_dataset(self._score, ds, pad_id(self._tokenizer), len(self.classes), batch_size)
         return pd.DataFrame(probs, index=df.index, columns=self.classes) if as_pandas else probs
 
@@ -73,7 +79,10 @@ def _frame(rows) -> pd.DataFrame:
     if isinstance(rows, pd.DataFrame):
         return rows
     if isinstance(rows, (list, dict)):
-        return pd.DataFrame(rows)
+        try:
+            return pd.DataFrame(rows)
+        except ValueError as e:  # e.g. a dict of scalars
+            raise DataError(f"rows to score: {e} (one row as a dict: pass [row])") from None
     raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns), "
                     f"got {type(rows).__name__}")
 
@@ -102,7 +111,8 @@ def _load_export(path: str, threads: Optional[int]) -> Predictor:
 
     s = OnnxScorer(path, threads=threads)
     spec = _read_json(os.path.join(s.folder, "model_spec.json")) or {}
-    export = s.manifest.get("exports", {}).get(os.path.basename(s.path), {})
+    exports = s.manifest.get("exports", {})  # keyed by the fp32 file; an int8 copy's report sits inside it
+    export = exports.get(os.path.basename(s.path)) or next(iter(exports.values()), {})
     meta = _metadata(s.path, "onnxruntime", spec, s.preprocessor,
                      {"precision": "int8" if s.path.endswith(".int8.onnx") else "fp32", "export": export})
     return Predictor(s.predict_proba, s.preprocessor, s.tokenizer, meta)
@@ -115,8 +125,11 @@ def _load_model_dir(path: str, trust_remote_code: bool, device: Optional[str]) -
     from .scoring import torch_scorer
 
     md = open_model_dir(path, trust_remote_code)
-    dev = torch.device(device or "cpu")
-    md.model.to(dev)
+    try:
+        dev = torch.device(device or "cpu")
+        md.model.to(dev)
+    except (RuntimeError, AssertionError) as e:  # an unknown device string, CUDA missing from this torch ...
+        raise ConfigError(f"device '{device}' cannot be used here: {str(e).splitlines()[0]}") from None
     summary = _read_json(os.path.join(path, "train_summary.json"))
     meta = _metadata(path, "torch", md.spec.to_dict(), md.pre, {"device": str(dev), "train_summary": summary})
     return Predictor(torch_scorer(md.model, dev), md.pre, md.tokenizer, meta)
@@ -204,7 +217,7 @@ def _argv(options: dict) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if value is True:
             argv.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (and refused as the CLI refuses it)
             argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
     return argv
 
@@ -218,7 +231,7 @@ def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, 
 
     if output_dir is None:
         raise ConfigError("mmbert.evaluate: output_dir is required (the prediction files and metrics go there)")
-    args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}))
+    args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}), "mmbert.evaluate")
     metrics = run_evaluation(args)
     return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics)
 

@@ -121,7 +121,8 @@ SPEC_FIELDS = {
 def read_spec(model_dir: str) -> ModelSpec:
     """model_spec.json with every field's type and range checked (one error naming the field)."""
     spec_path = os.path.join(model_dir, SPEC)
-    raw = read_json_object(spec_path, f"{model_dir} is not an mmbert model directory: {SPEC} is missing")
+    hint = " (a finished run's model is its final/ folder)" if os.path.isdir(os.path.join(model_dir, "final")) else ""
+    raw = read_json_object(spec_path, f"{model_dir} is not an mmbert model directory: {SPEC} is missing{hint}")
     if sorted(raw) != sorted(SPEC_FIELDS):
         raise ArtifactError(f"{spec_path} is corrupted: expected the fields {', '.join(SPEC_FIELDS)}")
     for name, (ok, want) in SPEC_FIELDS.items():

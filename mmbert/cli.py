@@ -227,6 +227,9 @@ def predict_command(argv, prog: str = "mmbert predict"):
         raise ConfigError(f"{prog}: --batch-size must be >= 1, got {args.batch_size}")
     if not args.output.endswith((".tsv", ".csv")):
         raise ConfigError(f"{prog}: --output {args.output}: the file name must end with .tsv or .csv")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{prog}: --output {args.output}: folder {folder} does not exist or is not writable")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     model = load(args.model, trust_remote_code=args.trust_remote_code, device=args.device)
     id_column = model.metadata["id_column"]
@@ -252,19 +255,22 @@ def main(argv: Optional[list[str]] = None):
     """`mmbert COMMAND ...`: the installed console script and `python -m mmbert`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and DataLoader forks
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        from . import __version__
+    from . import __version__
 
+    if argv[:1] == ["--version"]:
+        print(f"mmbert {__version__}")
+        return
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = (f"usage: mmbert {{{','.join(COMMANDS)}}} ... (mmbert {__version__})\n"
                  "  train     train a model (as train.py; under torchrun / accelerate launch / srun too)\n"
                  "  evaluate  metrics, prediction files and curves on labelled or unlabelled data (as evaluate.py)\n"
                  "  export    ONNX export verified with onnxruntime (as export.py)\n"
                  "  predict   score a data file in one process with a model directory or an export\n"
                  "`mmbert COMMAND --help` for a command's options.")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command '{argv[0]}'\n{usage}", file=sys.stderr)
-            sys.exit(2)
-        print(usage)
-        return
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return
+        print(f"error: unknown command '{argv[0]}'\n{usage}" if argv else usage, file=sys.stderr)
+        sys.exit(2)
     command = argv[0]
     run_main(lambda rest: COMMANDS[command](rest, f"mmbert {command}"))(argv[1:])

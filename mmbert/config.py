@@ -275,16 +275,18 @@ def resolve_config_path(path: str) -> str:
 
 
 def _anchor_packaged_paths(raw: dict, path: str):
-    """A packaged config's relative data paths resolve against the current directory (a clone's data/), else
-    against the package's own copy: the config then trains from any directory."""
+    """A packaged config's relative data paths resolve against the current directory when all of them exist
+    there (a clone's data/), else all against the package's own copy: the config trains from any directory."""
     if not os.path.realpath(path).startswith(os.path.realpath(PACKAGED_DIR) + os.sep):
         return
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     split = data.get("split") if isinstance(data.get("split"), dict) else {}
-    for section, key in [(data, "path"), *((split, k) for k in SPLIT_PATH_KEYS)]:
-        v = section.get(key)
-        if isinstance(v, str) and not os.path.isabs(v) and not os.path.exists(v):
-            section[key] = os.path.join(os.path.dirname(os.path.realpath(path)), v)
+    relative = [(section, key) for section, key in [(data, "path"), *((split, k) for k in SPLIT_PATH_KEYS)]
+                if isinstance(section.get(key), str) and not os.path.isabs(section[key])]
+    if all(os.path.exists(section[key]) for section, key in relative):
+        return  # all of them here: never a mix of the current directory's table and the package's index files
+    for section, key in relative:
+        section[key] = os.path.join(os.path.dirname(os.path.realpath(path)), section[key])
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None,

@@ -105,6 +105,41 @@ def test_mmbert_predict_command(trained):
 
 
 @pytest.mark.slow
+def test_new_rows_need_no_id_and_keep_their_index(trained, tmp_path):
+    """Scoring new data: the id column is optional (it only labels outputs), any index is kept as is."""
+    _, run, df = trained
+    model = mmbert.load(run.model_dir)
+    rows = df.iloc[10:20]
+    ref = model.predict_proba(rows)
+    named = rows.drop(columns=["review_id"]).set_axis([f"r{i}" for i in range(10)])
+    got = model.predict_proba(named)
+    assert list(got.index) == list(named.index)
+    np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=1e-6)
+    assert model.predict(named.set_axis(np.linspace(0.5, 9.5, 10))).index.tolist() == list(np.linspace(0.5, 9.5, 10))
+    rows.drop(columns=["review_id"]).to_csv(tmp_path / "noid.csv", index=False)
+    r = subprocess.run([sys.executable, "-m", "mmbert", "predict", run.model_dir, "--data", str(tmp_path / "noid.csv"),
+                        "--output", str(tmp_path / "p.tsv")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert list(pd.read_csv(tmp_path / "p.tsv", sep="\t").columns) == ["row", "prob", "pred"]
+    r = subprocess.run([sys.executable, "-m", "mmbert", "predict", run.model_dir, "--data", str(tmp_path / "noid.csv"),
+                        "--output", str(tmp_path / "nodir" / "p.tsv")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist or is not writable" in r.stderr
+
+
+@pytest.mark.slow
+def test_api_options_are_checked_as_the_command_line_checks_them(trained, tmp_path):
+    work, run, _ = trained
+    with pytest.raises(ConfigError, match="--max-rows must be >= 1, got 0"):
+        mmbert.evaluate(run.model_dir, output_dir=str(tmp_path / "e"), split="val", max_rows=0)
+    with pytest.raises(ConfigError, match="unrecognized arguments: --splt"):
+        mmbert.evaluate(run.model_dir, output_dir=str(tmp_path / "e"), splt="val")
+    with pytest.raises(ConfigError, match="device 'bogus' cannot be used"):
+        mmbert.load(run.model_dir, device="bogus")
+    with pytest.raises(DataError, match="pass \\[row\\]"):
+        mmbert.load(run.model_dir).predict({"Title": "x", "Review Text": "y"})
+
+
+@pytest.mark.slow
 def test_console_script_and_module_share_the_commands():
     exe = os.path.join(os.path.dirname(sys.executable), "mmbert")
     assert os.path.isfile(exe), "the `mmbert` console script is not installed (pip install -e .)"
@@ -162,6 +197,13 @@ def test_packaged_config_resolves_its_data_from_any_directory(tmp_path, monkeypa
     assert load_config("configs/womens_clothing.yaml").data.path == "data/womens_clothing_reviews.parquet"
     with pytest.raises(ConfigError, match="packaged configs: womens_clothing"):
         load_config("womens_clothes")
+    # a directory holding only some of the paths (here the table, not the index files) never mixes the two
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    pd.DataFrame({"x": [1]}).to_parquet("data/womens_clothing_reviews.parquet")
+    cfg = load_config("womens_clothing")
+    assert cfg.data.path != "data/womens_clothing_reviews.parquet" and os.path.isabs(cfg.data.path)
+    assert os.path.dirname(os.path.dirname(cfg.data.split.val_indices)) == os.path.dirname(cfg.data.path)
 
 
 @pytest.mark.slow

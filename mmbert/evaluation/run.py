@@ -106,6 +106,8 @@ def split_rows(args: argparse.Namespace) -> Selection:
     """--split NAME: the rows training put in that split, chosen by the function training used
     (select_splits) from the run's typed config.yaml; --data replaces data.path (not a separate split file)."""
     name, cfg_file = args.split, os.path.join(args.model_dir, "config.yaml")
+    if args.data and not os.path.exists(args.data):
+        raise DataError(f"data file not found: {args.data}")
     d = read_run_config(args.model_dir).data
     d.id_column = (id_column_hint(args) or [None])[0]
     recorded = getattr(d.split, f"{name}_file")

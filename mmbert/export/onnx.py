@@ -162,14 +162,17 @@ def _rows_from_run(model_dir: str, data: Optional[str], n: int):
         return None
     cfg_file = os.path.join(model_dir, "config.yaml")
     data_cfg = read_run_config(model_dir).data  # a tampered config.yaml is an error, not a reason to guess
-    try:
-        splits = select_splits(data_cfg, ("val", "test"), source=cfg_file)
-    except MMBertError as e:
-        log.warning("cannot read the run's data for verification (%s): using synthetic rows", e)
-        return None
-    for sp in splits.values():
-        if len(sp.df):
+    problems = []
+    for name in ("val", "test"):
+        try:
+            sp = select_splits(data_cfg, (name,), source=cfg_file).get(name)
+        except MMBertError as e:
+            problems.append(str(e))
+            continue
+        if sp is not None and len(sp.df):
             return sp.df.iloc[:n], sp.file, sp.description
+    if problems:
+        log.warning("cannot read the run's held-out data for verification (%s): using synthetic rows", problems[0])
     return None
 
 

@@ -12,7 +12,7 @@ import torch
 from .artifact import build_model
 from .config import Config
 from .data.dataset import TableDataset
-from .data.pipeline import Split, build_dataset, load_splits, log_label_map
+from .data.pipeline import build_dataset, load_splits, log_label_map
 from .data.preprocess import Preprocessor
 from .data.tokenize import load_tokenizer, pad_id
 from .models.classifier import (
@@ -29,7 +29,6 @@ log = logging.getLogger("mmbert")
 class RunData:
     tokenizer: object
     pre: Preprocessor  # fitted on the train split only
-    splits: dict[str, Split]
     train: TableDataset
     val: Optional[TableDataset]
 
@@ -38,20 +37,32 @@ class RunData:
         return pad_id(self.tokenizer)
 
 
-def build_run_data(cfg: Config, with_val: bool = True) -> RunData:
-    """Splits as configured, preprocessing fitted on train, tokenized train (and val) datasets; the label
-    map logged with its train counts."""
-    dc = cfg.data
-    splits = load_splits(dc)
-    tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
+def _tokenized_splits(cfg: Config, tokenizer, with_val: bool) -> tuple[Preprocessor, dict, dict[str, TableDataset]]:
+    """Read the table, fit preprocessing on train, tokenize train (and val)."""
+    splits = load_splits(cfg.data)
     tr = splits["train"]
-    pre = Preprocessor.fit(tr.df, dc, cfg.model.encoder, tr.file)
-    train = build_dataset(pre, tokenizer, tr.df, tr.file, with_labels=True, name="train")
-    log_label_map(pre, train, tr.file)
-    val = None
+    pre = Preprocessor.fit(tr.df, cfg.data, cfg.model.encoder, tr.file)
+    out = {"train": build_dataset(pre, tokenizer, tr.df, tr.file, with_labels=True, name="train")}
     if with_val and "val" in splits and len(splits["val"].df):
-        val = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val")
-    return RunData(tokenizer, pre, splits, train, val)
+        out["val"] = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val")
+    return pre, splits, out
+
+
+def build_run_data(cfg: Config, with_val: bool = True, env=None) -> RunData:
+    """Splits as configured, preprocessing fitted on train, tokenized train (and val) datasets; the label
+    map logged with its train counts. With a process environment and data.cache on, they come from the
+    token cache (built once per node, memory-mapped by every rank; mmbert/data/cache.py)."""
+    tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
+    if env is not None and cfg.data.cache:
+        from .data.cache import cached_run_data
+
+        pre, datasets, meta = cached_run_data(cfg, env, tokenizer, lambda: _tokenized_splits(cfg, tokenizer, True))
+        train_file = meta["splits"]["train"]["file"]
+    else:
+        pre, splits, datasets = _tokenized_splits(cfg, tokenizer, with_val)
+        train_file = splits["train"].file
+    log_label_map(pre, datasets["train"], train_file)
+    return RunData(tokenizer, pre, datasets["train"], datasets.get("val") if with_val else None)
 
 
 def model_spec(cfg: Config, pre: Preprocessor) -> ModelSpec:

@@ -65,6 +65,8 @@ def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    p.add_argument("--no-cache", action="store_true", help="read and tokenize the data on every rank, bypassing "
+                                                           "the token cache (data.cache: false)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -83,6 +85,8 @@ def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Nam
             overrides.append((key, value))
     if args.overwrite:
         overrides.append(("train.overwrite", True))
+    if args.no_cache:
+        overrides.append(("data.cache", False))
     return load_config(args.config, overrides), args
 
 

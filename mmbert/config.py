@@ -57,6 +57,10 @@ class DataConfig:
     pad_to_max: bool = False
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
+    # The tokenized train/val splits and fitted preprocessing are stored once (per node) under cache_dir and
+    # memory-mapped by every rank (mmbert/data/cache.py); false reads and tokenizes the table on every rank.
+    cache: bool = True
+    cache_dir: Optional[str] = None  # default: ~/.cache/mmbert/tokenized
 
 
 @dataclass

@@ -246,7 +246,7 @@ class Trainer:
     def build_data(self):
         """Preprocessing fitted on the train split only; tokenized train / val datasets."""
         tc, dc = self.tc, self.cfg.data
-        data = build_run_data(self.cfg)
+        data = build_run_data(self.cfg, env=self.env)
         self.tokenizer, self.pre, self.train_ds, self.val_ds = data.tokenizer, data.pre, data.train, data.val
         self.pad_id = data.pad_id
         pre = self.pre

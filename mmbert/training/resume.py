@@ -23,6 +23,7 @@ FROZEN_SECTIONS = ("data", "model")
 FROZEN_TRAIN_KEYS = ("seed", "bucket_by_length", "bucket_block", "metric", "metric_mode")
 # Keys that say where and how to run, not what: never compared.
 RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite", "progress_bar", "num_threads", "report_to")
+RUN_CONTROL_DATA_KEYS = ("cache", "cache_dir")  # where the token cache is: the data it holds is keyed anyway
 
 
 def _frozen(key: str) -> bool:
@@ -36,7 +37,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
         section, _, name = key.partition(".")
-        if section == "train" and name in RUN_CONTROL_KEYS:
+        if (section == "train" and name in RUN_CONTROL_KEYS) or (section == "data" and name in RUN_CONTROL_DATA_KEYS):
             continue
         if a.get(key) != b.get(key):
             (frozen if _frozen(key) else applied).append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")

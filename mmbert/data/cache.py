@@ -1,0 +1,289 @@
+"""The tokenized run data, built once per node and memory-mapped by every rank.
+
+A training run's splits, fitted preprocessing and tokens depend only on the data files, the data config and
+the tokenizer. They are stored once under `data.cache_dir` (default: beside the datasets cache,
+`~/.cache/mmbert/tokenized`, or $MMBERT_DATASETS_CACHE/../tokenized), one folder per key:
+
+    KEY/preprocessing.json      the Preprocessor fitted on the train split
+    KEY/meta.json               what the key was made of; per split: rows, source file, description, the
+                                data-fix report, texts cut at max_chunks, and each Arrow file's size
+    KEY/{train,val}.arrow       Arrow IPC, one record batch: row int64, tokens large_list<int32> (every chunk's
+                                [CLS] ... [SEP], concatenated), chunk_lens list<int32>, numeric / missing
+                                list<float32>, categorical list<int64>, label int64, id string (when configured)
+    KEY/COMPLETE                written last: a folder without it is never read
+
+KEY is a digest of: the data files' bytes (also of split and index files; never their mtime), every
+`data.*` key but the cache's own, the encoder name, the tokenizer's full serialization, and CACHE_FORMAT. A
+second run, a resume or a SLURM requeue on the same inputs maps the folder instead of reading and
+tokenizing the table; any change to an input is a new key. Local rank 0 of each node builds a missing
+folder in `KEY.tmp-*` and renames it into place (a concurrent builder's rename loses and is discarded);
+the node's other ranks wait on a collective without a timeout that matters, and every rank stops with the
+builder's error if the build fails. A folder whose files do not match meta.json (truncated, or written by
+another format) is rebuilt, with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, MMBertError
+from .dataset import TableDataset
+from .preprocess import Encoded, Preprocessor
+
+log = logging.getLogger("mmbert")
+main_log = logging.getLogger("mmbert.main")
+
+CACHE_FORMAT = 1
+CACHE_KEYS = ("cache", "cache_dir")  # data.* keys that say where the cache is, not what it holds
+SPLITS_CACHED = ("train", "val")
+
+
+def default_cache_dir() -> str:
+    from .io import _cache_dir
+
+    return os.path.join(os.path.dirname(_cache_dir().rstrip(os.sep)), "tokenized")
+
+
+def _file_digest(h, path: str):
+    from .io import _content_key, _files_and_format
+
+    files = _files_and_format(path)[0] if os.path.isdir(path) else [path]
+    h.update(f"{path}\0{_content_key(files) if all(map(os.path.isfile, files)) else 'missing'}\0".encode())
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    specials = [getattr(tokenizer, k, None) for k in ("cls_token_id", "sep_token_id", "bos_token_id",
+                                                        "eos_token_id", "pad_token_id")]
+    return hashlib.blake2b(f"{text}\0{specials}".encode(), digest_size=16).hexdigest()
+
+
+def run_data_key(cfg, tokenizer) -> str:
+    """The digest of everything the run data is made of (see the module docstring)."""
+    d = asdict(cfg.data)
+    for k in CACHE_KEYS:
+        d.pop(k, None)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"format": CACHE_FORMAT, "data": d, "encoder": cfg.model.encoder,
+                         "tokenizer": tokenizer_digest(tokenizer)}, sort_keys=True, default=str).encode())
+    s = cfg.data.split
+    for path in [cfg.data.path, *(getattr(s, f"{n}_{k}") for k in ("file", "indices") for n in ("train", "val", "test"))]:
+        if path:
+            _file_digest(h, path)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _split_table(ds: TableDataset):
+    import pyarrow as pa
+
+    e = ds.enc
+    lens = [[len(c) for c in row] for row in ds.chunks]
+    flat = np.concatenate([c for row in ds.chunks for c in row]).astype(np.int32) if len(ds) else np.zeros(0, np.int32)
+    offsets = np.concatenate([[0], np.cumsum(ds.lengths)]).astype(np.int64)
+    cols = {
+        "row": pa.array(np.asarray(e.rows, dtype=np.int64)),
+        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "chunk_lens": pa.array(lens, type=pa.list_(pa.int32())),
+        "numeric": _rows_of(e.numeric, pa.float32()),
+        "missing": _rows_of(e.missing, pa.float32()),
+        "categorical": _rows_of(e.categorical, pa.int64()),
+        "label": pa.array(e.labels if e.labels is not None else [None] * len(e), type=pa.int64()),
+    }
+    if e.ids is not None:
+        cols["id"] = pa.array([None if v is None else str(v) for v in e.ids], type=pa.string())
+    return pa.table(cols)
+
+
+def _rows_of(matrix: np.ndarray, dtype):
+    import pyarrow as pa
+
+    n, k = matrix.shape
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix).reshape(-1), type=dtype))
+
+
+def write_cache(folder: str, pre: Preprocessor, splits: dict, datasets: dict[str, TableDataset], key: str):
+    """Write into a fresh KEY.tmp-* folder, then rename it to `folder` (first writer wins)."""
+    import pyarrow as pa
+
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    try:
+        pre.save(os.path.join(tmp, "preprocessing.json"))
+        meta = {"format": CACHE_FORMAT, "key": key, "splits": {}}
+        for name, ds in datasets.items():
+            path = os.path.join(tmp, f"{name}.arrow")
+            table = _split_table(ds)
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=max(1, len(table)))
+            meta["splits"][name] = {"rows": len(ds), "file": splits[name].file, "description": splits[name].description,
+                                    "report": ds.enc.report, "truncated": ds.truncated_texts,
+                                    "bytes": os.path.getsize(path)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=int)
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another builder's folder is there already: theirs is as good as ours
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+class CachedSplit(TableDataset):
+    """A split mapped from its Arrow file: token ids, lengths and tabular arrays are views of the file; a row's
+    chunks are cut out when it is collated. Nothing per row is held in Python."""
+
+    def __init__(self, path: str, has_id: bool, report: dict, truncated: int):
+        import pyarrow as pa
+
+        self.path = path
+        table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+        col = {name: table.column(name).chunk(0) if table.num_rows else None for name in table.column_names}
+        n = table.num_rows
+        if n == 0:
+            raise DataError(f"{path}: empty split in the token cache")
+        tokens = col["tokens"]
+        self._tokens = tokens.values.to_numpy(zero_copy_only=True)
+        self._offsets = tokens.offsets.to_numpy(zero_copy_only=True)
+        lens = col["chunk_lens"]
+        self._chunk_lens = lens.values.to_numpy(zero_copy_only=True)
+        self._chunk_offsets = lens.offsets.to_numpy(zero_copy_only=True)
+        label = col["label"]
+        labels = label.to_numpy(zero_copy_only=False) if label.null_count == 0 else None
+        ids = _Strings(col["id"]) if has_id and "id" in col else None
+        self.enc = Encoded(rows=col["row"].to_numpy(zero_copy_only=True), texts=[],
+                           numeric=_matrix(col["numeric"], n), missing=_matrix(col["missing"], n),
+                           categorical=_matrix(col["categorical"], n), labels=labels, ids=ids, report=report)
+        self.chunks = _ChunkView(self)
+        self.truncated_texts = truncated
+        self.lengths = np.diff(self._offsets).astype(np.int64)
+
+    def row_chunks(self, i: int) -> list[np.ndarray]:
+        lens = self._chunk_lens[self._chunk_offsets[i]:self._chunk_offsets[i + 1]]
+        toks = self._tokens[self._offsets[i]:self._offsets[i + 1]]
+        return np.split(toks, np.cumsum(lens)[:-1])
+
+
+class _ChunkView:
+    def __init__(self, ds: CachedSplit):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds.lengths)
+
+    def __getitem__(self, i):
+        return self.ds.row_chunks(int(i))
+
+
+class _Strings:
+    """Ids read from the Arrow column when asked for, not held as n Python strings."""
+
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, i):
+        return self.arr[int(i)].as_py()
+
+
+def _matrix(arr, n: int) -> np.ndarray:
+    values = arr.values.to_numpy(zero_copy_only=True)
+    return values.reshape(n, len(values) // n if n else 0)
+
+
+def read_cache(folder: str, id_column: Optional[str]) -> Optional[tuple[Preprocessor, dict[str, CachedSplit], dict]]:
+    """(preprocessor, datasets, meta) of a complete folder, or None (with a warning) when it does not match
+    its meta.json."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {meta.get('format')}, this mmbert reads {CACHE_FORMAT}")
+        for name, m in meta["splits"].items():
+            size = os.path.getsize(os.path.join(folder, f"{name}.arrow"))
+            if size != m["bytes"]:
+                raise ValueError(f"{name}.arrow has {size} bytes, {m['bytes']} were written")
+        pre = Preprocessor.load(os.path.join(folder, "preprocessing.json"))
+        datasets = {name: CachedSplit(os.path.join(folder, f"{name}.arrow"), bool(id_column), m["report"],
+                                      m["truncated"]) for name, m in meta["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError, MMBertError) as e:
+        log.warning("token cache %s is damaged or stale (%s): rebuilding it", folder, str(e).splitlines()[0])
+        return None
+    return pre, datasets, meta
+
+
+# ----------------------------------------------------------------------------- one build per node
+
+def _wait_group(env):
+    """A gloo group whose collectives may wait as long as a build takes (the default group's timeout is
+    sized for training steps, not for tokenizing millions of rows)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(days=7))
+
+
+def _agree(group, error: Optional[str]):
+    import torch.distributed as dist
+
+    if group is None:
+        if error:
+            raise DataError(error)
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=group)
+    failed = [e for e in errors if e]
+    if failed:  # the builder's error, on every rank
+        raise DataError(failed[0])
+
+
+def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
+    """(preprocessor, {split: dataset}, splits meta) from the cache, building it on each node's local rank 0
+    with `build()` -> (pre, splits, {name: TableDataset}) when missing."""
+    root = cfg.data.cache_dir or default_cache_dir()
+    key = run_data_key(cfg, tokenizer)
+    folder = os.path.join(root, key)
+    group = _wait_group(env)
+    error, built = None, False
+    if env.local_rank == 0:
+        try:
+            if not os.path.isfile(os.path.join(folder, "COMPLETE")) or read_cache(folder, cfg.data.id_column) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("token cache: building %s", folder)
+                pre, splits, datasets = build()
+                write_cache(folder, pre, splits, datasets, key)
+                built = True
+        except MMBertError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write the token cache {root}: {e.strerror or e} (set data.cache_dir, or data.cache: false)"
+    _agree(group, error)
+    got = read_cache(folder, cfg.data.id_column)
+    if got is None:
+        raise ConfigError(f"token cache {folder} cannot be read after it was built: set data.cache: false")
+    pre, datasets, meta = got
+    log.info("token cache: %s (%s)", folder, ", ".join(f"{n} {m['rows']} rows" for n, m in meta["splits"].items()))
+    if not built:  # the build logged them as it went
+        for name, m in meta["splits"].items():
+            for k, v in m["report"].items():
+                main_log.warning("%s (%s): %s = %s", name, m["file"], k, v)
+    return pre, datasets, meta

@@ -1,0 +1,160 @@
+"""The token cache (mmbert/data/cache.py): the cached splits are the tokenized ones, byte for byte; a second
+run reads instead of tokenizing; any changed input, a damaged folder or an older format rebuilds; concurrent
+builders never corrupt it; on 2 ranks one process builds, and a failed build stops every rank in one line."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli, write_config
+
+from mmbert.config import load_config
+from mmbert.data import cache
+from mmbert.data.dataset import collate
+from mmbert.distributed.env import DistEnv
+
+ENV = DistEnv(0, 1, 0, 1, None, "none")
+
+
+@pytest.fixture
+def cfg_path(tiny_bert, reviews, tmp_path):
+    df = reviews.iloc[:120].copy()
+    df.insert(0, "rid", [f"id{i:03d}" for i in range(len(df))])
+    df.to_csv(tmp_path / "d.csv", index=False)
+    return write_config(tmp_path / "c.yaml", tiny_bert, str(tmp_path / "d.csv"),
+                        data={"id_column": "rid", "cache_dir": str(tmp_path / "tok")})
+
+
+def build_and_read(cfg, calls: list):
+    from mmbert.assembly import _tokenized_splits
+    from mmbert.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.encoder)
+
+    def build():
+        calls.append(1)
+        return _tokenized_splits(cfg, tok, True)
+
+    return cache.cached_run_data(cfg, ENV, tok, build), tok
+
+
+def test_cached_splits_equal_the_tokenized_ones(cfg_path):
+    from mmbert.assembly import _tokenized_splits
+
+    cfg = load_config(cfg_path)
+    calls = []
+    (pre, got, meta), tok = build_and_read(cfg, calls)
+    ref_pre, _, ref = _tokenized_splits(cfg, tok, True)
+    assert calls == [1] and pre == ref_pre and set(got) == {"train", "val"}
+    for name in ("train", "val"):
+        a, b = got[name], ref[name]
+        assert len(a) == len(b) == meta["splits"][name]["rows"]
+        for field in ("rows", "numeric", "missing", "categorical", "labels"):
+            np.testing.assert_array_equal(getattr(a.enc, field), getattr(b.enc, field), err_msg=field)
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+        assert [a.enc.ids[i] for i in range(len(a))] == list(b.enc.ids)
+        assert all(len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y))
+                   for x, y in zip((a.chunks[i] for i in range(len(a))), b.chunks))
+        idx = np.argsort(-b.lengths)[:7]
+        ba, bb = collate(a, idx, 0), collate(b, idx, 0)
+        assert ba.keys() == bb.keys() and all(np.array_equal(ba[k].numpy(), bb[k].numpy()) for k in ba)
+        assert a.enc.report == b.enc.report and a.truncated_texts == b.truncated_texts
+
+
+def test_second_run_reads_and_changed_inputs_rebuild(cfg_path, tmp_path):
+    cfg = load_config(cfg_path)
+    calls = []
+    build_and_read(cfg, calls)
+    build_and_read(cfg, calls)
+    assert calls == [1]  # read, not rebuilt
+    # the data file rewritten in place at the same size with its mtime restored: a new key
+    st = os.stat(tmp_path / "d.csv")
+    text = (tmp_path / "d.csv").read_text()
+    (tmp_path / "d.csv").write_text(text.replace("id000", "id999", 1))
+    os.utime(tmp_path / "d.csv", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (_, got, _), _ = build_and_read(cfg, calls)
+    assert calls == [1, 1] and got["train"].enc.ids[0] == "id999" or "id999" in {got["val"].enc.ids[i] for i in range(len(got["val"]))}
+    # a changed data key, another max_tokens: a new key too
+    build_and_read(load_config(cfg_path, [("data.max_tokens", 16)]), calls)
+    assert len(calls) == 3
+    assert len([d for d in os.listdir(tmp_path / "tok") if not d.startswith(".")]) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "format"])
+def test_damaged_or_older_cache_is_rebuilt(cfg_path, damage, caplog):
+    cfg = load_config(cfg_path)
+    calls = []
+    build_and_read(cfg, calls)
+    folder = os.path.join(cfg.data.cache_dir, os.listdir(cfg.data.cache_dir)[0])
+    if damage == "truncate":
+        path = os.path.join(folder, "train.arrow")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:
+        meta = json.load(open(os.path.join(folder, "meta.json")))
+        meta["format"] = 0
+        json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+    (_, got, _), _ = build_and_read(cfg, calls)
+    assert calls == [1, 1] and len(got["train"]) == 90
+    assert "damaged or stale" in caplog.text
+
+
+def _build_in_process(cfg_path: str, q):
+    cfg = load_config(cfg_path)
+    (_, got, _), _ = build_and_read(cfg, [])
+    q.put(len(got["train"]))
+
+
+def test_concurrent_builders_leave_one_complete_folder(cfg_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_process, args=(cfg_path, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0] and sorted(q.get() for _ in procs) == [90, 90]
+    cache_dir = load_config(cfg_path).data.cache_dir
+    entries = os.listdir(cache_dir)
+    assert len(entries) == 1 and os.path.isfile(os.path.join(cache_dir, entries[0], "COMPLETE"))
+
+
+def test_cache_keys_may_change_on_resume():
+    from mmbert.training.resume import config_changes
+
+    frozen, applied = config_changes({"data": {"cache": True, "cache_dir": "/a", "max_tokens": 8}},
+                                     {"data": {"cache": False, "cache_dir": "/b", "max_tokens": 8}})
+    assert frozen == [] and applied == []
+
+
+@pytest.mark.slow
+def test_two_ranks_build_once_and_train_as_without_the_cache(cfg_path, tmp_path):
+    common = ["train.py", "--config", cfg_path, "--strategy", "fsdp", "--max-steps", "3"]
+    r = run_cli([*common, "--output-dir", str(tmp_path / "a")], nproc=2)
+    assert (r.stdout + r.stderr).count("token cache: building") == 1
+    run_cli([*common, "--output-dir", str(tmp_path / "b"), "--no-cache"], nproc=2)
+    r = run_cli([*common, "--output-dir", str(tmp_path / "c")], nproc=2)
+    assert "token cache: building" not in r.stdout + r.stderr
+
+    def losses(out):
+        return [rec["loss"] for rec in map(json.loads, open(out / "metrics.jsonl")) if "loss" in rec]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") == losses(tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_a_failed_build_stops_every_rank_with_its_error(tiny_bert, reviews, tmp_path):
+    df = reviews.iloc[:80].copy()
+    df.loc[df.index[5], "Recommended IND"] = 7  # outside the pinned label map
+    df.to_csv(tmp_path / "d.csv", index=False)
+    cfg = write_config(tmp_path / "c.yaml", tiny_bert, str(tmp_path / "d.csv"),
+                       data={"labels": [0, 1], "cache_dir": str(tmp_path / "tok")})
+    r = run_cli(["train.py", "--config", cfg, "--output-dir", str(tmp_path / "o"), "--max-steps", "2"], nproc=2,
+                check=False)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert sorted(ln.split("]")[0] for ln in errors) == ["[rank 0", "[rank 1"], r.stderr[-3000:]
+    assert all(ln.endswith("row 5: label 7 is not in the label map [0, 1] pinned by data.labels") for ln in errors)

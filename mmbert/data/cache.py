@@ -54,9 +54,20 @@ def default_cache_dir() -> str:
 
 
 def _file_digest(h, path: str):
-    from .io import _content_key, _files_and_format
+    """The bytes behind a data path: a file, a folder of tables, a save_to_disk folder (every file in it), or a
+    hub dataset (the fingerprints datasets gives its cached splits)."""
+    from .io import HUB_PREFIX, _content_key, _files_and_format, _load_hf, dataset_dict_splits, is_saved_dataset
 
-    files = _files_and_format(path)[0] if os.path.isdir(path) else [path]
+    if path.startswith(HUB_PREFIX):
+        dd = _load_hf(path)
+        h.update(f"{path}\0{sorted((k, v._fingerprint) for k, v in dd.items())}\0".encode())
+        return
+    if os.path.isdir(path) and (is_saved_dataset(path) or dataset_dict_splits(path) is not None):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)  # everything save_to_disk wrote
+    elif os.path.isdir(path):
+        files = _files_and_format(path)[0]
+    else:
+        files = [path]
     h.update(f"{path}\0{_content_key(files) if all(map(os.path.isfile, files)) else 'missing'}\0".encode())
 
 

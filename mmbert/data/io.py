@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import json
 import os
 from typing import Iterable, Optional
 
@@ -34,11 +35,63 @@ def _files_and_format(path: str) -> tuple[list[str], str, str]:
     return files, _FORMATS[ext], ext
 
 
-def load_table(path: str, text_columns: Iterable[str] = ()) -> pd.DataFrame:
+HUB_PREFIX = "hub:"
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk`."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_info.json"))
+
+
+def dataset_dict_splits(path: Optional[str]) -> Optional[list[str]]:
+    """The split names when `path` is a DatasetDict: a `DatasetDict.save_to_disk` folder, or a hub dataset
+    `hub:NAME[:CONFIG]`; None for anything else."""
+    if not path:
+        return None
+    if path.startswith(HUB_PREFIX):
+        return list(_load_hf(path))
+    marker = os.path.join(path, "dataset_dict.json")
+    if not os.path.isfile(marker):
+        return None
+    try:
+        with open(marker, encoding="utf-8") as f:
+            return [str(s) for s in json.load(f)["splits"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{marker} is not a DatasetDict index: {e}") from None
+
+
+def _load_hf(path: str):
+    """A saved Dataset or DatasetDict folder, or a hub dataset (a DatasetDict)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if not path.startswith(HUB_PREFIX):
+            return datasets.load_from_disk(path)
+        name, _, config = path[len(HUB_PREFIX):].partition(":")
+        return datasets.load_dataset(name, config or None)
+    except Exception as e:  # hub, network and format errors come in many types: one line naming the dataset
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only datasets already in the local HF cache load)" if offline else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load dataset {path}{hint}: {first[:300]}") from None
+
+
+def load_table(path: str, text_columns: Iterable[str] = (), split: Optional[str] = None) -> pd.DataFrame:
     """Rows in file order (shards sorted by name). Raises DataError with the file name on any problem.
     `text_columns` (id columns) are read as text, whatever they look like: `00123` stays `00123`, a 19-digit
-    id is not rounded through float, a missing value is None."""
+    id is not rounded through float, a missing value is None. Besides files and folders of files, `path` may
+    be a `save_to_disk` folder, or a DatasetDict (its folder, or `hub:NAME[:CONFIG]`) with `split` naming
+    one of its splits."""
     text_columns = list(text_columns)
+    splits = dataset_dict_splits(path)
+    if splits is not None:
+        if split not in splits:
+            raise DataError(f"{path} is a DatasetDict with splits {', '.join(splits)}: train with it as data.path "
+                            f"(its splits become train / val / test), or give one split (FOLDER/SPLIT when saved)")
+        return _frame(_load_hf(path)[split], text_columns, f"{path}[{split}]")
+    if os.path.isdir(path) and is_saved_dataset(path):
+        return _frame(_load_hf(path), text_columns, path)
     files, fmt, ext = _files_and_format(path)
     for f in files:
         if os.path.getsize(f) == 0:
@@ -73,6 +126,10 @@ def load_table(path: str, text_columns: Iterable[str] = ()) -> pd.DataFrame:
             if "utf8" in str(e).lower():
                 raise _utf8_error(files, path) from None
             raise DataError(f"cannot read data file {path}: {str(e).splitlines()[0]}") from None
+    return _frame(ds, text_columns, path)
+
+
+def _frame(ds, text_columns: list[str], path: str) -> pd.DataFrame:
     df = _as_text(ds, text_columns, path).to_pandas()
     if len(df.columns) == 0:
         raise DataError(f"data file {path} has no columns")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..errors import ConfigError, DataError
 from .dataset import TableDataset
-from .io import load_table, read_indices
+from .io import dataset_dict_splits, load_table, read_indices
 from .preprocess import Preprocessor
 from .tokenize import chunk_tokenize
 
@@ -70,6 +70,9 @@ def select_splits(d, names=SPLITS, source: Optional[str] = None) -> dict[str, Sp
     so they see the same rows. Splits the config does not record (or leaves empty) are absent."""
     s = d.split
     ids = [d.id_column] if d.id_column else []  # read as text: the same ids evaluation writes back
+    dict_splits = None if s.train_file else dataset_dict_splits(d.path)
+    if dict_splits is not None:
+        return _dict_splits(d, dict_splits, names, ids)
     if s.train_file:
         files = {n: getattr(s, f"{n}_file") for n in names if getattr(s, f"{n}_file")}
         return {n: Split(n, load_table(recorded_path(f, f"data.split.{n}_file", source), ids), f, f"split {n} ({f})")
@@ -85,6 +88,26 @@ def select_splits(d, names=SPLITS, source: Optional[str] = None) -> dict[str, Sp
     fr = s.fractions or DEFAULT_FRACTIONS
     return {n: Split(n, table.iloc[rows], path, f"split {n} (fractions {fr}, seed {s.seed})")
             for n, rows in fraction_split(len(table), fr, s.seed).items() if n in names}
+
+
+# a DatasetDict's split names for our train / val / test
+DICT_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+
+def _dict_splits(d, available: list[str], names, ids: list[str]) -> dict[str, Split]:
+    """A DatasetDict as data.path (a save_to_disk folder or hub:NAME[:CONFIG]): its own splits are the run's."""
+    s = d.split
+    if s.train_indices or s.fractions:
+        raise ConfigError(f"data.path {d.path} is a DatasetDict (splits {', '.join(available)}): its splits are used, "
+                          f"so data.split.* must stay unset (or give one split's folder as data.path)")
+    if "train" not in available:
+        raise DataError(f"{d.path}: the DatasetDict has no 'train' split (splits: {', '.join(available)})")
+    out = {}
+    for name in names:
+        src = next((n for n in DICT_SPLIT_NAMES[name] if n in available), None)
+        if src is not None:
+            out[name] = Split(name, load_table(d.path, ids, split=src), f"{d.path}[{src}]", f"split {name} ({src})")
+    return out
 
 
 def load_splits(d) -> dict[str, Split]:

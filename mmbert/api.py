@@ -64,10 +64,11 @@ class Predictor:
     def predict(self, rows, batch_size: int = 32, as_pandas: bool = True):
         """The most probable class of each row, in the label's original values (a Series named after the
         label column, with the rows' index; an array with as_pandas=False)."""
-        probs = self.predict_proba(rows, batch_size, as_pandas=False)
+        df = _frame(rows)
+        probs = self.predict_proba(df, batch_size, as_pandas=False)
         values = np.asarray(self.classes)[probs.argmax(1)]  # ints stay ints, strings strings
         if as_pandas:
-            return pd.Series(values, index=_frame(rows).index, name=self._pre.label_column)
+            return pd.Series(values, index=df.index, name=self._pre.label_column)
         return values
 
     def __repr__(self):

@@ -261,6 +261,8 @@ def _set_path(raw: dict, dotted: str, value):
 # Configs shipped inside the package (with the data they train on): usable by name from an installed mmbert,
 # e.g. `mmbert train --config womens_clothing`.
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+# data.* keys that say where the token cache is, not what it holds: outside its key, free to change on resume
+DATA_CACHE_KEYS = ("cache", "cache_dir")
 SPLIT_PATH_KEYS = ("train_indices", "val_indices", "test_indices", "train_file", "val_file", "test_file")
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..config import DATA_CACHE_KEYS, SPLIT_PATH_KEYS
 from ..errors import ConfigError, DataError, MMBertError
 from .dataset import TableDataset
 from .preprocess import Encoded, Preprocessor
@@ -43,7 +44,6 @@ log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")
 
 CACHE_FORMAT = 1
-CACHE_KEYS = ("cache", "cache_dir")  # data.* keys that say where the cache is, not what it holds
 SPLITS_CACHED = ("train", "val")
 
 
@@ -82,13 +82,13 @@ def tokenizer_digest(tokenizer) -> str:
 def run_data_key(cfg, tokenizer) -> str:
     """The digest of everything the run data is made of (see the module docstring)."""
     d = asdict(cfg.data)
-    for k in CACHE_KEYS:
+    for k in DATA_CACHE_KEYS:
         d.pop(k, None)
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"format": CACHE_FORMAT, "data": d, "encoder": cfg.model.encoder,
                          "tokenizer": tokenizer_digest(tokenizer)}, sort_keys=True, default=str).encode())
     s = cfg.data.split
-    for path in [cfg.data.path, *(getattr(s, f"{n}_{k}") for k in ("file", "indices") for n in ("train", "val", "test"))]:
+    for path in [cfg.data.path, *(getattr(s, k) for k in SPLIT_PATH_KEYS)]:
         if path:
             _file_digest(h, path)
     return h.hexdigest()
@@ -274,10 +274,12 @@ def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
     key = run_data_key(cfg, tokenizer)
     folder = os.path.join(root, key)
     group = _wait_group(env)
-    error, built = None, False
+    error, built, got = None, False, None
     if env.local_rank == 0:
         try:
-            if not os.path.isfile(os.path.join(folder, "COMPLETE")) or read_cache(folder, cfg.data.id_column) is None:
+            if os.path.isfile(os.path.join(folder, "COMPLETE")):
+                got = read_cache(folder, cfg.data.id_column)
+            if got is None:
                 shutil.rmtree(folder, ignore_errors=True)
                 log.info("token cache: building %s", folder)
                 pre, splits, datasets = build()
@@ -288,7 +290,8 @@ def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
         except OSError as e:
             error = f"cannot write the token cache {root}: {e.strerror or e} (set data.cache_dir, or data.cache: false)"
     _agree(group, error)
-    got = read_cache(folder, cfg.data.id_column)
+    if got is None:  # not read yet on this rank (a waiting rank, or the builder after its build)
+        got = read_cache(folder, cfg.data.id_column)
     if got is None:
         raise ConfigError(f"token cache {folder} cannot be read after it was built: set data.cache: false")
     pre, datasets, meta = got

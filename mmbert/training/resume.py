@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import flatten
+from ..config import DATA_CACHE_KEYS, flatten
 from ..errors import ConfigError
 
 log = logging.getLogger("mmbert")
@@ -23,7 +23,6 @@ FROZEN_SECTIONS = ("data", "model")
 FROZEN_TRAIN_KEYS = ("seed", "bucket_by_length", "bucket_block", "metric", "metric_mode")
 # Keys that say where and how to run, not what: never compared.
 RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite", "progress_bar", "num_threads", "report_to")
-RUN_CONTROL_DATA_KEYS = ("cache", "cache_dir")  # where the token cache is: the data it holds is keyed anyway
 
 
 def _frozen(key: str) -> bool:
@@ -37,7 +36,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
         section, _, name = key.partition(".")
-        if (section == "train" and name in RUN_CONTROL_KEYS) or (section == "data" and name in RUN_CONTROL_DATA_KEYS):
+        if (section == "train" and name in RUN_CONTROL_KEYS) or (section == "data" and name in DATA_CACHE_KEYS):
             continue
         if a.get(key) != b.get(key):
             (frozen if _frozen(key) else applied).append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")

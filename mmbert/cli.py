@@ -117,6 +117,10 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
     p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-cache", action="store_true", help="read and tokenize the rows on every rank instead of once "
+                                                           "per node into the token cache")
+    p.add_argument("--cache-dir", help="token cache folder (default: data.cache_dir's default, "
+                                       "~/.cache/mmbert/tokenized)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")

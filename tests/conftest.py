@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pandas as pd
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The datasets and token caches of this test session (inherited by the processes the tests start): never the
+# user's ~/.cache, and never a cache an earlier session filled, which would hide a build path.
+os.environ["MMBERT_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmbert-tests-")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "womens_clothing_reviews.parquet")

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import run_cli, write_config
 
@@ -161,3 +162,34 @@ def test_a_failed_build_stops_every_rank_with_its_error(tiny_bert, reviews, tmp_
     errors = re.findall(r"\[rank (\d)\] error: (.*?row 5: label 7 is not in the label map \[0, 1\] pinned by "
                         r"data\.labels)", r.stderr)
     assert sorted(rank for rank, _ in errors) == ["0", "1"], r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_tokenizes_once_per_node_and_follows_a_rewritten_file(work, model_dir, tmp_path):
+    """evaluate.py on 2 ranks: one process reads and tokenizes, both map the cache; the predictions equal
+    --no-cache's byte for byte; a second run reads the cache; the file rewritten in place (same size, mtime
+    restored) is tokenized again and scored as it now is."""
+    import shutil
+
+    data = tmp_path / "d.csv"
+    shutil.copy(work / "good.csv", data)
+
+    def evaluate(out, *extra):
+        r = run_cli(["evaluate.py", "--model-dir", model_dir, "--data", str(data), "--output-dir", str(tmp_path / out),
+                     "--no-progress", "--no-plots", "--cache-dir", str(tmp_path / "tok"), *extra], nproc=2)
+        return (r.stdout + r.stderr).count("token cache: building"), (tmp_path / out / "predictions.tsv").read_text()
+
+    built, cached = evaluate("a")
+    _, direct = evaluate("b", "--no-cache")
+    again, cached_again = evaluate("c")
+    assert (built, again) == (1, 0) and cached == direct == cached_again and len(direct.splitlines()) == 161
+    st = os.stat(data)
+    text = data.read_text()
+    review = pd.read_csv(data)["Review Text"][1][:30]
+    assert text.count(review) == 1
+    data.write_text(text.replace(review, review[::-1]))  # row 1's review reversed: same bytes, other order
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rebuilt, after = evaluate("d")
+    _, direct_after = evaluate("e", "--no-cache")
+    assert rebuilt == 1 and after == direct_after != direct
+    assert len(os.listdir(tmp_path / "tok")) == 2

@@ -1,25 +1,26 @@
 """The tokenized run data, built once per node and memory-mapped by every rank.
 
 A training run's splits, fitted preprocessing and tokens depend only on the data files, the data config and
-the tokenizer. They are stored once under `data.cache_dir` (default: beside the datasets cache,
-`~/.cache/mmbert/tokenized`, or $MMBERT_DATASETS_CACHE/../tokenized), one folder per key:
+the tokenizer; the rows evaluate.py scores, on those and the model's preprocessing. They are stored once
+under `data.cache_dir` / `--cache-dir` (default: beside the datasets cache, `~/.cache/mmbert/tokenized`, or
+$MMBERT_DATASETS_CACHE/../tokenized), one folder per key:
 
-    KEY/preprocessing.json      the Preprocessor fitted on the train split
-    KEY/meta.json               what the key was made of; per split: rows, source file, description, the
-                                data-fix report, texts cut at max_chunks, and each Arrow file's size
-    KEY/{train,val}.arrow       Arrow IPC, one record batch: row int64, tokens large_list<int32> (every chunk's
+    KEY/preprocessing.json      the Preprocessor fitted on the train split (evaluate: the model's)
+    KEY/meta.json               what the key was made of, the build's seconds; per split: rows, source file,
+                                description, the data-fix report, texts cut at max_chunks, each Arrow file's size
+    KEY/{train,val,data}.arrow  Arrow IPC, one record batch: row int64, tokens large_list<int32> (every chunk's
                                 [CLS] ... [SEP], concatenated), chunk_lens list<int32>, numeric / missing
                                 list<float32>, categorical list<int64>, label int64, id string (when configured)
     KEY/COMPLETE                written last: a folder without it is never read
 
 KEY is a digest of: the data files' bytes (also of split and index files; never their mtime), every
-`data.*` key but the cache's own, the encoder name, the tokenizer's full serialization, and CACHE_FORMAT. A
-second run, a resume or a SLURM requeue on the same inputs maps the folder instead of reading and
-tokenizing the table; any change to an input is a new key. Local rank 0 of each node builds a missing
-folder in `KEY.tmp-*` and renames it into place (a concurrent builder's rename loses and is discarded);
-the node's other ranks wait on a collective without a timeout that matters, and every rank stops with the
-builder's error if the build fails. A folder whose files do not match meta.json (truncated, or written by
-another format) is rebuilt, with a warning.
+`data.*` key but the cache's own, the encoder name, the tokenizer's full serialization, and CACHE_FORMAT
+(evaluate.py's key: evaluation/rows.py). A second run, a resume or a SLURM requeue on the same inputs maps
+the folder instead of reading and tokenizing the table; any change to an input is a new key. Local rank 0
+of each node computes the key and builds a missing folder in `KEY.tmp-*`, renaming it into place (a
+concurrent builder's rename loses and is discarded); the node's other ranks wait on a collective without a
+timeout that matters, and every rank stops with the builder's error if the build fails. A folder whose
+files do not match meta.json (truncated, or written by another format) is rebuilt, with a warning.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Callable, Optional
@@ -36,6 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..config import DATA_CACHE_KEYS, SPLIT_PATH_KEYS
+from ..distributed.gather import gather_objects
 from ..errors import ConfigError, DataError, MMBertError
 from .dataset import TableDataset
 from .preprocess import Encoded, Preprocessor
@@ -125,8 +129,10 @@ def _rows_of(matrix: np.ndarray, dtype):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix).reshape(-1), type=dtype))
 
 
-def write_cache(folder: str, pre: Preprocessor, splits: dict, datasets: dict[str, TableDataset], key: str):
-    """Write into a fresh KEY.tmp-* folder, then rename it to `folder` (first writer wins)."""
+def write_cache(folder: str, pre: Preprocessor, parts: dict[str, tuple[TableDataset, dict]], key: str,
+                extra: Optional[dict] = None):
+    """Write into a fresh KEY.tmp-* folder, then rename it to `folder` (first writer wins). `parts` maps a
+    split name to its dataset and what meta.json says of it (source file, description)."""
     import pyarrow as pa
 
     parent = os.path.dirname(folder)
@@ -134,15 +140,14 @@ def write_cache(folder: str, pre: Preprocessor, splits: dict, datasets: dict[str
     tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
     try:
         pre.save(os.path.join(tmp, "preprocessing.json"))
-        meta = {"format": CACHE_FORMAT, "key": key, "splits": {}}
-        for name, ds in datasets.items():
+        meta = {"format": CACHE_FORMAT, "key": key, **(extra or {}), "splits": {}}
+        for name, (ds, info) in parts.items():
             path = os.path.join(tmp, f"{name}.arrow")
             table = _split_table(ds)
             with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, len(table)))
-            meta["splits"][name] = {"rows": len(ds), "file": splits[name].file, "description": splits[name].description,
-                                    "report": ds.enc.report, "truncated": ds.truncated_texts,
-                                    "bytes": os.path.getsize(path)}
+            meta["splits"][name] = {"rows": len(ds), **info, "report": ds.enc.report,
+                                    "truncated": ds.truncated_texts, "bytes": os.path.getsize(path)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, default=int)
         open(os.path.join(tmp, "COMPLETE"), "w").close()
@@ -160,7 +165,7 @@ class CachedSplit(TableDataset):
     """A split mapped from its Arrow file: token ids, lengths and tabular arrays are views of the file; a row's
     chunks are cut out when it is collated. Nothing per row is held in Python."""
 
-    def __init__(self, path: str, has_id: bool, report: dict, truncated: int):
+    def __init__(self, path: str, report: dict, truncated: int):
         import pyarrow as pa
 
         self.path = path
@@ -177,7 +182,7 @@ class CachedSplit(TableDataset):
         self._chunk_offsets = lens.offsets.to_numpy(zero_copy_only=True)
         label = col["label"]
         labels = label.to_numpy(zero_copy_only=False) if label.null_count == 0 else None
-        ids = _Strings(col["id"]) if has_id and "id" in col else None
+        ids = _Strings(col["id"]) if "id" in col else None
         self.enc = Encoded(rows=col["row"].to_numpy(zero_copy_only=True), texts=[],
                            numeric=_matrix(col["numeric"], n), missing=_matrix(col["missing"], n),
                            categorical=_matrix(col["categorical"], n), labels=labels, ids=ids, report=report)
@@ -214,13 +219,16 @@ class _Strings:
     def __getitem__(self, i):
         return self.arr[int(i)].as_py()
 
+    def take(self, positions) -> list:
+        return self.arr.take(np.asarray(positions, dtype=np.int64)).to_pylist()
+
 
 def _matrix(arr, n: int) -> np.ndarray:
     values = arr.values.to_numpy(zero_copy_only=True)
     return values.reshape(n, len(values) // n if n else 0)
 
 
-def read_cache(folder: str, id_column: Optional[str]) -> Optional[tuple[Preprocessor, dict[str, CachedSplit], dict]]:
+def read_cache(folder: str) -> Optional[tuple[Preprocessor, dict[str, CachedSplit], dict]]:
     """(preprocessor, datasets, meta) of a complete folder, or None (with a warning) when it does not match
     its meta.json."""
     try:
@@ -233,8 +241,8 @@ def read_cache(folder: str, id_column: Optional[str]) -> Optional[tuple[Preproce
             if size != m["bytes"]:
                 raise ValueError(f"{name}.arrow has {size} bytes, {m['bytes']} were written")
         pre = Preprocessor.load(os.path.join(folder, "preprocessing.json"))
-        datasets = {name: CachedSplit(os.path.join(folder, f"{name}.arrow"), bool(id_column), m["report"],
-                                      m["truncated"]) for name, m in meta["splits"].items()}
+        datasets = {name: CachedSplit(os.path.join(folder, f"{name}.arrow"), m["report"], m["truncated"])
+                    for name, m in meta["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError, MMBertError) as e:
         log.warning("token cache %s is damaged or stale (%s): rebuilding it", folder, str(e).splitlines()[0])
         return None
@@ -253,51 +261,71 @@ def _wait_group(env):
     return dist.new_group(backend="gloo", timeout=timedelta(days=7))
 
 
-def _agree(group, error: Optional[str]):
-    import torch.distributed as dist
+def _read_or_build(folder: str, key: str, build: Callable[[], tuple]) -> tuple[Optional[tuple], bool]:
+    """(what read_cache gives, whether it was built here): the complete folder as it is, or built now."""
+    got = read_cache(folder) if os.path.isfile(os.path.join(folder, "COMPLETE")) else None
+    if got is not None:
+        return got, False
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("token cache: building %s", folder)
+    t0 = time.perf_counter()
+    pre, parts, extra = build()
+    write_cache(folder, pre, parts, key, {**extra, "build_seconds": round(time.perf_counter() - t0, 3)})
+    return None, True
 
-    if group is None:
-        if error:
-            raise DataError(error)
-        return
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error, group=group)
-    failed = [e for e in errors if e]
+
+def _node_leader_result(env, group, error: Optional[str], folder: Optional[str]) -> str:
+    """Every rank learns whether each node's builder succeeded (all stop with the first error) and which
+    folder its own node's builder (local rank 0 on the same host) made."""
+    host = socket.gethostname()
+    outcomes = gather_objects((error, folder, host, env.local_rank), group)
+    failed = [e for e, *_ in outcomes if e]
     if failed:  # the builder's error, on every rank
         raise DataError(failed[0])
+    leaders = [f for _, f, h, lr in outcomes if lr == 0 and h == host]
+    return leaders[0] if leaders else outcomes[0][1]
 
 
-def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
-    """(preprocessor, {split: dataset}, splits meta) from the cache, building it on each node's local rank 0
-    with `build()` -> (pre, splits, {name: TableDataset}) when missing."""
-    root = cfg.data.cache_dir or default_cache_dir()
-    key = run_data_key(cfg, tokenizer)
-    folder = os.path.join(root, key)
+def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple]) -> tuple[Preprocessor, dict, dict]:
+    """(preprocessor, {split: CachedSplit}, meta) from the folder root/KEY. Only each node's local rank 0
+    computes KEY (hashing the data files is its job alone) and, when the folder is missing or damaged, runs
+    `build()` -> (pre, {split: (TableDataset, info dict)}, extra meta) and writes it; the node's other ranks
+    wait, then every rank maps the folder."""
     group = _wait_group(env)
-    error, built, got = None, False, None
+    error, folder, got, built = None, None, None, False
     if env.local_rank == 0:
         try:
-            if os.path.isfile(os.path.join(folder, "COMPLETE")):
-                got = read_cache(folder, cfg.data.id_column)
-            if got is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                log.info("token cache: building %s", folder)
-                pre, splits, datasets = build()
-                write_cache(folder, pre, splits, datasets, key)
-                built = True
+            key = key_fn()
+            folder = os.path.join(root, key)
+            got, built = _read_or_build(folder, key, build)
         except MMBertError as e:
             error = str(e)
         except OSError as e:
             error = f"cannot write the token cache {root}: {e.strerror or e} (set data.cache_dir, or data.cache: false)"
-    _agree(group, error)
+    folder = _node_leader_result(env, group, error, folder)
     if got is None:  # not read yet on this rank (a waiting rank, or the builder after its build)
-        got = read_cache(folder, cfg.data.id_column)
+        got = read_cache(folder)
     if got is None:
         raise ConfigError(f"token cache {folder} cannot be read after it was built: set data.cache: false")
     pre, datasets, meta = got
     log.info("token cache: %s (%s)", folder, ", ".join(f"{n} {m['rows']} rows" for n, m in meta["splits"].items()))
-    if not built:  # the build logged them as it went
+    if built:
+        log.info("token cache: built in %.1f s", meta["build_seconds"])
+    else:  # the build logged these as it went
         for name, m in meta["splits"].items():
             for k, v in m["report"].items():
                 main_log.warning("%s (%s): %s = %s", name, m["file"], k, v)
+        for line in meta.get("warnings", []):
+            main_log.warning("%s", line)
     return pre, datasets, meta
+
+
+def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
+    """Training's (preprocessor, {split: dataset}, meta) from the cache, built with `build()` -> (pre, splits,
+    {name: TableDataset}) when missing."""
+    def parts():
+        pre, splits, datasets = build()
+        info = {n: {"file": splits[n].file, "description": splits[n].description} for n in datasets}
+        return pre, {n: (ds, info[n]) for n, ds in datasets.items()}, {}
+
+    return node_cache(env, cfg.data.cache_dir or default_cache_dir(), lambda: run_data_key(cfg, tokenizer), parts)

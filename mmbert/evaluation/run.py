@@ -22,24 +22,23 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
 
-from ..artifact import open_model_dir, read_run_config
+from ..artifact import open_model_dir
 from ..data.dataset import TableDataset
-from ..data.io import load_table, read_indices
-from ..data.pipeline import build_dataset, recorded_path, select_splits
 from ..data.tokenize import pad_id
 from ..distributed.env import DistEnv, cleanup, init_distributed
-from ..errors import ArtifactError, ConfigError, DataError, MMBertError
+from ..distributed.gather import gather_objects
+from ..errors import ArtifactError, ConfigError, MMBertError
 from ..metrics import compute_metrics, per_class_report, summary_table
 from ..scoring import Scorer, predict, torch_scorer
 from ..serving import OnnxScorer
 from .plots import ALL as PLOT_FILES
 from .plots import write_plots
+from .rows import Selection, check_data_exists, scored_rows
 
 log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat: rank 0 only
@@ -79,72 +78,6 @@ def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
     return load_onnx_scorer if getattr(args, "onnx", None) else load_torch_scorer
 
 
-# ----------------------------------------------------------------------------- which rows
-
-@dataclass
-class Selection:
-    df: pd.DataFrame  # index: 0-based row number in `file`; row order = input order
-    file: str
-    description: str
-
-
-def id_column_hint(args: argparse.Namespace) -> list[str]:
-    """The id column to read as text (`00123` must not come back as `123.0`): --id-column, else the one in
-    the model's preprocessing.json. Peeked at before the model is loaded; the scorer loader reads and
-    checks the file fully, so a broken one is reported there."""
-    if args.id_column:
-        return [args.id_column]
-    try:
-        with open(os.path.join(args.model_dir, "preprocessing.json"), encoding="utf-8") as f:
-            name = json.load(f).get("id_column")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [name] if isinstance(name, str) else []
-
-
-def split_rows(args: argparse.Namespace) -> Selection:
-    """--split NAME: the rows training put in that split, chosen by the function training used
-    (select_splits) from the run's typed config.yaml; --data replaces data.path (not a separate split file)."""
-    name, cfg_file = args.split, os.path.join(args.model_dir, "config.yaml")
-    if args.data and not os.path.exists(args.data):
-        raise DataError(f"data file not found: {args.data}")
-    d = read_run_config(args.model_dir).data
-    d.id_column = (id_column_hint(args) or [None])[0]
-    recorded = getattr(d.split, f"{name}_file")
-    if args.data and recorded and os.path.abspath(args.data) != os.path.abspath(recorded):
-        raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({recorded}); "
-                          f"drop --data, or give --data without --split")
-    if args.data and not d.split.train_file:
-        d.path = args.data
-    sp = select_splits(d, [name], source=cfg_file).get(name)
-    if sp is None:
-        raise ConfigError(f"--split {name}: {cfg_file} records no {name} split (or its fractions leave it empty)")
-    return Selection(sp.df, sp.file, sp.description)
-
-
-def select_rows(args: argparse.Namespace) -> Selection:
-    if args.split:
-        sel = split_rows(args)
-    else:
-        data = args.data
-        if not data:
-            cfg_file = os.path.join(args.model_dir, "config.yaml")
-            data = read_run_config(args.model_dir).data.path
-            if not data:
-                raise ConfigError(f"{cfg_file} records no data.path (the run used split files): give --data or --split")
-            recorded_path(data, "data.path", cfg_file)
-        table = load_table(data, id_column_hint(args))
-        if args.indices:
-            sel = Selection(table.iloc[read_indices(args.indices, len(table), data)], data, f"rows of {args.indices}")
-        else:
-            sel = Selection(table, data, "all rows")
-    if args.max_rows is not None and len(sel.df) > args.max_rows:
-        sel = Selection(sel.df.iloc[:args.max_rows], sel.file, f"{sel.description}, first {args.max_rows}")
-    if len(sel.df) == 0:
-        raise DataError(f"{sel.file}: no rows selected ({sel.description})")
-    return sel
-
-
 # ----------------------------------------------------------------------------- output files
 
 def prob_columns(class_names: list[str]) -> list[str]:
@@ -159,7 +92,8 @@ def prediction_frame(ds: TableDataset, positions: np.ndarray, probs: np.ndarray,
     names = np.asarray(class_names, dtype=object)
     cols: dict = {"row": enc.rows[positions]}
     if id_column and enc.ids is not None:
-        cols[id_column] = np.asarray([enc.ids[i] for i in positions] + [None], dtype=object)[:-1]
+        ids = enc.ids.take(positions) if hasattr(enc.ids, "take") else [enc.ids[i] for i in positions]
+        cols[id_column] = np.asarray([*ids, None], dtype=object)[:-1]
     if enc.labels is not None:
         cols["label"] = names[enc.labels[positions]]
     if len(class_names) == 2:
@@ -192,8 +126,6 @@ def write_tsv(df: pd.DataFrame, path: str):
 def agree(step: Callable[[], object]):
     """Run `step` on this rank and all-gather whether it worked on every rank: if one failed, all stop with
     its error, so rank 0 never writes the merged files while a rank's own part is missing."""
-    import torch.distributed as dist
-
     error = None
     value = None
     try:
@@ -202,10 +134,7 @@ def agree(step: Callable[[], object]):
         error = f"cannot write {e.filename or 'output'}: {e.strerror or e}"
     except MMBertError as e:
         error = str(e)
-    errors = [error]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+    errors = gather_objects(error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         rank, msg = failed[0]
@@ -272,28 +201,12 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
     return out
 
 
-def resolve_id_column(args: argparse.Namespace, sel: Selection, pre):
-    """--id-column must exist; the training config's one is used when the file has it."""
-    if args.id_column:
-        if args.id_column not in sel.df.columns:
-            raise DataError(f"{sel.file}: --id-column '{args.id_column}' is missing "
-                            f"(columns: {', '.join(map(str, sel.df.columns))})")
-        pre.id_column = args.id_column
-    elif pre.id_column and pre.id_column not in sel.df.columns:
-        main_log.warning("id column '%s' of the training config is not in %s: prediction files carry row numbers only",
-                         pre.id_column, sel.file)
-        pre.id_column = None
-
-
 def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
     t0 = time.time()
     out = prepare_output_dir(args)
-    # the rows first: a bad data file is reported before seconds go into loading the model
-    sel = select_rows(args)
+    check_data_exists(args)  # a bad data file is reported before seconds go into loading the model
     scorer, pre, tokenizer = scorer_loader(args, env)
-    resolve_id_column(args, sel, pre)
-    labelled = bool(pre.label_column) and pre.label_column in sel.df.columns
-    ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data")
+    ds, sel, labelled = scored_rows(args, env, pre, tokenizer)
     class_names = pre.class_names
     if env.is_main:
         clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes

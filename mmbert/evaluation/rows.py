@@ -1,0 +1,160 @@
+"""Which rows evaluate.py scores, and their tokens: read and tokenized on each node's local rank 0 into the
+token cache (mmbert/data/cache.py) and memory-mapped by every rank, or (--no-cache) read and tokenized on
+every rank. The cache key is the selection (--data/--split/--indices/--max-rows/--id-column), the bytes of
+every file it reads, the run's data config, the model's fitted preprocessing and its tokenizer."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import pandas as pd
+
+from ..artifact import read_run_config
+from ..config import DATA_CACHE_KEYS, SPLIT_PATH_KEYS
+from ..data.dataset import TableDataset
+from ..data.io import HUB_PREFIX, load_table, read_indices
+from ..data.pipeline import build_dataset, recorded_path, select_splits
+from ..errors import ConfigError, DataError
+
+main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat: rank 0 only
+
+
+@dataclass
+class Selection:
+    df: Optional[pd.DataFrame]  # index: 0-based row number in `file`; row order = input order (None once tokenized)
+    file: str
+    description: str
+
+
+def id_column_hint(args: argparse.Namespace) -> list[str]:
+    """The id column to read as text (`00123` must not come back as `123.0`): --id-column, else the one in
+    the model's preprocessing.json. Peeked at before the model is loaded; the scorer loader reads and
+    checks the file fully, so a broken one is reported there."""
+    if args.id_column:
+        return [args.id_column]
+    try:
+        with open(os.path.join(args.model_dir, "preprocessing.json"), encoding="utf-8") as f:
+            name = json.load(f).get("id_column")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name] if isinstance(name, str) else []
+
+
+def split_rows(args: argparse.Namespace) -> Selection:
+    """--split NAME: the rows training put in that split, chosen by the function training used
+    (select_splits) from the run's typed config.yaml; --data replaces data.path (not a separate split file)."""
+    name, cfg_file = args.split, os.path.join(args.model_dir, "config.yaml")
+    d = read_run_config(args.model_dir).data
+    d.id_column = (id_column_hint(args) or [None])[0]
+    recorded = getattr(d.split, f"{name}_file")
+    if args.data and recorded and os.path.abspath(args.data) != os.path.abspath(recorded):
+        raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({recorded}); "
+                          f"drop --data, or give --data without --split")
+    if args.data and not d.split.train_file:
+        d.path = args.data
+    sp = select_splits(d, [name], source=cfg_file).get(name)
+    if sp is None:
+        raise ConfigError(f"--split {name}: {cfg_file} records no {name} split (or its fractions leave it empty)")
+    return Selection(sp.df, sp.file, sp.description)
+
+
+def select_rows(args: argparse.Namespace) -> Selection:
+    if args.split:
+        sel = split_rows(args)
+    else:
+        data = args.data
+        if not data:
+            cfg_file = os.path.join(args.model_dir, "config.yaml")
+            data = read_run_config(args.model_dir).data.path
+            if not data:
+                raise ConfigError(f"{cfg_file} records no data.path (the run used split files): give --data or --split")
+            recorded_path(data, "data.path", cfg_file)
+        table = load_table(data, id_column_hint(args))
+        if args.indices:
+            sel = Selection(table.iloc[read_indices(args.indices, len(table), data)], data, f"rows of {args.indices}")
+        else:
+            sel = Selection(table, data, "all rows")
+    if args.max_rows is not None and len(sel.df) > args.max_rows:
+        sel = Selection(sel.df.iloc[:args.max_rows], sel.file, f"{sel.description}, first {args.max_rows}")
+    if len(sel.df) == 0:
+        raise DataError(f"{sel.file}: no rows selected ({sel.description})")
+    return sel
+
+
+
+
+def resolve_id_column(args: argparse.Namespace, sel: Selection, pre) -> list[str]:
+    """--id-column must exist; the training config's one is used when the file has it (else the warning,
+    returned too, so that a cache hit repeats it)."""
+    if args.id_column:
+        if args.id_column not in sel.df.columns:
+            raise DataError(f"{sel.file}: --id-column '{args.id_column}' is missing "
+                            f"(columns: {', '.join(map(str, sel.df.columns))})")
+        pre.id_column = args.id_column
+    elif pre.id_column and pre.id_column not in sel.df.columns:
+        warning = (f"id column '{pre.id_column}' of the training config is not in {sel.file}: prediction files "
+                   f"carry row numbers only")
+        main_log.warning("%s", warning)
+        pre.id_column = None
+        return [warning]
+    return []
+
+
+def check_data_exists(args: argparse.Namespace):
+    """A missing --data is named before any second goes into loading the model."""
+    if args.data and not args.data.startswith(HUB_PREFIX) and not os.path.exists(args.data):
+        raise DataError(f"data file not found: {args.data}")
+
+
+def read_rows(args: argparse.Namespace, pre, tokenizer) -> tuple[TableDataset, Selection, bool, list[str]]:
+    """(dataset, selection without its frame, whether it is labelled, warnings) of the selected rows; sets
+    pre.id_column to the id column the prediction files carry."""
+    sel = select_rows(args)
+    warnings = resolve_id_column(args, sel, pre)
+    labelled = bool(pre.label_column) and pre.label_column in sel.df.columns
+    ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data")
+    return ds, Selection(None, sel.file, sel.description), labelled, warnings
+
+
+def eval_data_key(args: argparse.Namespace, pre, tokenizer) -> str:
+    """The digest of everything the scored rows' tokens are made of (see the module docstring)."""
+    from ..data.cache import CACHE_FORMAT, _file_digest, tokenizer_digest
+
+    run_data = asdict(read_run_config(args.model_dir).data) if os.path.isfile(
+        os.path.join(args.model_dir, "config.yaml")) else {}
+    for k in DATA_CACHE_KEYS:
+        run_data.pop(k, None)
+    selection = {k: getattr(args, k) for k in ("data", "split", "indices", "max_rows", "id_column")}
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"format": CACHE_FORMAT, "kind": "evaluate", "selection": selection, "run_data": run_data,
+                         "preprocessing": pre.to_dict(), "tokenizer": tokenizer_digest(tokenizer)},
+                        sort_keys=True, default=str).encode())
+    split = run_data.get("split") or {}
+    for path in [args.data, args.indices, run_data.get("path"), *(split.get(k) for k in SPLIT_PATH_KEYS)]:
+        if path:
+            _file_digest(h, path)
+    return h.hexdigest()
+
+
+def scored_rows(args: argparse.Namespace, env, pre, tokenizer) -> tuple[TableDataset, Selection, bool]:
+    """The selected rows' dataset (from the token cache unless --no-cache), the selection, labelled or not."""
+    if args.no_cache:
+        ds, sel, labelled, _ = read_rows(args, pre, tokenizer)
+        return ds, sel, labelled
+    from ..data.cache import default_cache_dir, node_cache
+
+    def build():
+        ds, sel, labelled, warnings = read_rows(args, pre, tokenizer)
+        return pre, {"data": (ds, {"file": sel.file, "description": sel.description})}, {
+            "labelled": labelled, "id_column": pre.id_column, "warnings": warnings}
+
+    _, parts, meta = node_cache(env, args.cache_dir or default_cache_dir(), lambda: eval_data_key(args, pre, tokenizer),
+                                build)
+    pre.id_column = meta["id_column"]
+    info = meta["splits"]["data"]
+    return parts["data"], Selection(None, info["file"], info["description"]), meta["labelled"]

@@ -175,7 +175,7 @@ def test_epoch_order_is_a_seeded_permutation_that_advances_the_epoch(make, tmp_p
     order = t.epoch_order().copy()
     assert len(t.train_ds) == N_TRAIN and sorted(order.tolist()) == list(range(N_TRAIN))
     assert np.array_equal(order, epoch_order(N_TRAIN, 0, 0, t.train_ds.lengths, t.tc.bucket_block))
-    t.order_epoch = -1  # recomputed: same epoch and seed, same order
+    t.orders.clear()  # recomputed: same epoch and seed, same order
     assert np.array_equal(t.epoch_order(), order)
     other = make(out=tmp_path / "other")  # a second trainer with the same seed
     assert np.array_equal(other.epoch_order(), order)
@@ -191,6 +191,36 @@ def test_epoch_order_is_a_seeded_permutation_that_advances_the_epoch(make, tmp_p
     assert np.array_equal(nxt, epoch_order(N_TRAIN, 1, 0, t.train_ds.lengths, t.tc.bucket_block))
     t.train_step()
     assert (t.state.step, t.state.epoch, t.state.position) == (2, 1, 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_batches_are_the_global_orders_steps_with_or_without_loader_workers(make, workers):
+    """The step loader (DataLoader workers collating ahead) gives exactly the micro-batches the state's step
+    takes from the global order, across an epoch end; moved state (a resume) restarts it at the new step; and
+    starting a loader leaves the global RNG (the dropout masks) untouched."""
+    t = make(batch_size=4, grad_accum=2, num_workers=workers)
+    t.state.position = 64
+
+    def expected():
+        order = t.epoch_order()
+        return [collate(t.train_ds, micro_batch(order, t.state.position, m, 0, 1, 4), t.pad_id) for m in range(2)]
+
+    def same(a, b):
+        return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                        for x, y in zip(a, b))
+
+    rng = torch.get_rng_state()
+    seen = []
+    for moved in (None, None, None, None, None, 40, None):  # 88 + 8 > 90: epoch 1 starts; then moved to 40
+        if moved is not None:
+            t.state.position = moved
+        host = t.train_batches()
+        seen.append((t.state.epoch, t.state.position))
+        assert same(host, expected()), seen[-1]
+        t.state.position += t.G
+    assert seen == [(0, 64), (0, 72), (0, 80), (1, 0), (1, 8), (1, 40), (1, 48)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert type(t.batches).__name__ == ("_MultiProcessingDataLoaderIter" if workers else "_SingleProcessDataLoaderIter")
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ import yaml
 from ..artifact import PREPROCESSING, WEIGHTS, save_artifact
 from ..assembly import build_run_data, build_run_model, model_spec
 from ..config import Config
-from ..data.dataset import batch_token_counts, collate, move_batch
-from ..data.samplers import epoch_order, micro_batch, steps_per_epoch
+from ..data.dataset import batch_token_counts, move_batch
+from ..data.loader import default_workers, step_keys, step_loader
+from ..data.samplers import epoch_order, steps_per_epoch
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.parallel import (
@@ -238,7 +240,8 @@ class Trainer:
         self.plan = resolve_plan(cfg.dist, env.device)
         self.state = TrainState()
         self.stop_reason: Optional[str] = None
-        self.order_epoch, self.order = -1, None
+        self.orders: dict[int, np.ndarray] = {}  # epoch -> global order (this one and the loader's next)
+        self.batches = None  # the step loader's iterator (train_batches)
         self.bar = None  # rank 0's progress bar, during run()
         self.mlog: Optional[MetricsLog] = None  # metrics.jsonl and the trackers, from restore() on
 
@@ -325,25 +328,44 @@ class Trainer:
                  len(self.val_ds) if self.val_ds else 0, self.spe, self.G, self.total_steps)
 
     # ---- one step
+    def order_of(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s global order (world-size independent); kept for this epoch and the next."""
+        if epoch not in self.orders:
+            tc = self.tc
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = epoch_order(self.n, epoch, tc.seed, self.train_ds.lengths if tc.bucket_by_length
+                                             else None, tc.bucket_block)
+        return self.orders[epoch]
+
     def epoch_order(self):
-        """This epoch's global order (world-size independent), advancing the epoch when it is used up."""
-        state, tc = self.state, self.tc
+        """This epoch's global order, advancing the epoch when it is used up."""
+        state = self.state
         if state.position + self.G > self.n:
             state.epoch, state.position = state.epoch + 1, 0
-        if self.order_epoch != state.epoch:
-            lengths = self.train_ds.lengths if tc.bucket_by_length else None
-            self.order = epoch_order(self.n, state.epoch, tc.seed, lengths, tc.bucket_block)
-            self.order_epoch = state.epoch
-        return self.order
+        return self.order_of(state.epoch)
+
+    def train_batches(self) -> list[dict]:
+        """This rank's collated micro-batches of the state's step: from the step loader (its workers collate
+        ahead), restarted at the state's (epoch, position) when its next item is not that step."""
+        env, tc, dc, state = self.env, self.tc, self.cfg.data, self.state
+        self.epoch_order()
+        if self.batches is not None:
+            epoch, position, host = next(self.batches)
+            if (epoch, position) == (state.epoch, state.position):
+                return host
+        keys = step_keys(state.epoch, state.position, self.n, self.G, self.order_of, env.rank, env.world_size,
+                         tc.batch_size, tc.grad_accum)
+        workers = default_workers(env.device) if tc.num_workers is None else tc.num_workers
+        loader = step_loader(self.train_ds, keys, self.pad_id, (dc.max_chunks, dc.max_tokens) if dc.pad_to_max
+                             else None, workers, pin_memory=env.device.type == "cuda")
+        self.batches = iter(loader)
+        return next(self.batches)[2]
 
     def train_step(self) -> StepStats:
         """One optimizer step over grad_accum micro-batches of this rank's slice of the global batch."""
-        env, tc, dc, state = self.env, self.tc, self.cfg.data, self.state
-        order = self.epoch_order()
-        t_start, cpu_start = time.perf_counter(), time.process_time()
-        pad_to = (dc.max_chunks, dc.max_tokens) if dc.pad_to_max else None
-        host = [collate(self.train_ds, micro_batch(order, state.position, m, env.rank, env.world_size,
-                                                   tc.batch_size), self.pad_id, pad_to) for m in range(tc.grad_accum)]
+        env, tc, state = self.env, self.tc, self.state
+        t_start, cpu_start = time.perf_counter(), time.process_time()  # waiting for the batch is part of the step
+        host = self.train_batches()
         counts = [batch_token_counts(b) for b in host]
         weights = self.class_weights
         if weights is None:
@@ -445,6 +467,7 @@ class Trainer:
             if not self.loop(Preemption()):
                 return None
         finally:
+            self.batches = None  # stops the loader's workers
             if self.bar is not None:
                 self.bar.close()
         if self.stop_reason:

@@ -43,6 +43,7 @@ from ..distributed.gather import gather_objects
 from ..errors import ConfigError, DataError, MMBertError
 from .dataset import TableDataset
 from .preprocess import Encoded, Preprocessor
+from .tokenize import Chunks
 
 log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")
@@ -103,14 +104,11 @@ def run_data_key(cfg, tokenizer) -> str:
 def _split_table(ds: TableDataset):
     import pyarrow as pa
 
-    e = ds.enc
-    lens = [[len(c) for c in row] for row in ds.chunks]
-    flat = np.concatenate([c for row in ds.chunks for c in row]).astype(np.int32) if len(ds) else np.zeros(0, np.int32)
-    offsets = np.concatenate([[0], np.cumsum(ds.lengths)]).astype(np.int64)
+    e, c = ds.enc, ds.chunks
     cols = {
         "row": pa.array(np.asarray(e.rows, dtype=np.int64)),
-        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        "chunk_lens": pa.array(lens, type=pa.list_(pa.int32())),
+        "tokens": pa.LargeListArray.from_arrays(pa.array(c.offsets.astype(np.int64)), pa.array(c.tokens)),
+        "chunk_lens": pa.ListArray.from_arrays(pa.array(c.chunk_offsets.astype(np.int32)), pa.array(c.chunk_lens)),
         "numeric": _rows_of(e.numeric, pa.float32()),
         "missing": _rows_of(e.missing, pa.float32()),
         "categorical": _rows_of(e.categorical, pa.int64()),
@@ -161,50 +159,27 @@ def write_cache(folder: str, pre: Preprocessor, parts: dict[str, tuple[TableData
 
 # ----------------------------------------------------------------------------- reading
 
-class CachedSplit(TableDataset):
-    """A split mapped from its Arrow file: token ids, lengths and tabular arrays are views of the file; a row's
-    chunks are cut out when it is collated. Nothing per row is held in Python."""
+def read_split(path: str, report: dict, truncated: int) -> TableDataset:
+    """A split mapped from its Arrow file: token ids, chunk lengths and tabular arrays are views of the file,
+    and a row's chunks are cut out when it is collated. Nothing per row is held in Python."""
+    import pyarrow as pa
 
-    def __init__(self, path: str, report: dict, truncated: int):
-        import pyarrow as pa
+    table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    n = table.num_rows
+    if n == 0:
+        raise DataError(f"{path}: empty split in the token cache")
+    col = {name: table.column(name).chunk(0) for name in table.column_names}
 
-        self.path = path
-        table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-        col = {name: table.column(name).chunk(0) if table.num_rows else None for name in table.column_names}
-        n = table.num_rows
-        if n == 0:
-            raise DataError(f"{path}: empty split in the token cache")
-        tokens = col["tokens"]
-        self._tokens = tokens.values.to_numpy(zero_copy_only=True)
-        self._offsets = tokens.offsets.to_numpy(zero_copy_only=True)
-        lens = col["chunk_lens"]
-        self._chunk_lens = lens.values.to_numpy(zero_copy_only=True)
-        self._chunk_offsets = lens.offsets.to_numpy(zero_copy_only=True)
-        label = col["label"]
-        labels = label.to_numpy(zero_copy_only=False) if label.null_count == 0 else None
-        ids = _Strings(col["id"]) if "id" in col else None
-        self.enc = Encoded(rows=col["row"].to_numpy(zero_copy_only=True), texts=[],
-                           numeric=_matrix(col["numeric"], n), missing=_matrix(col["missing"], n),
-                           categorical=_matrix(col["categorical"], n), labels=labels, ids=ids, report=report)
-        self.chunks = _ChunkView(self)
-        self.truncated_texts = truncated
-        self.lengths = np.diff(self._offsets).astype(np.int64)
+    def view(arr):
+        return arr.to_numpy(zero_copy_only=True)
 
-    def row_chunks(self, i: int) -> list[np.ndarray]:
-        lens = self._chunk_lens[self._chunk_offsets[i]:self._chunk_offsets[i + 1]]
-        toks = self._tokens[self._offsets[i]:self._offsets[i + 1]]
-        return np.split(toks, np.cumsum(lens)[:-1])
-
-
-class _ChunkView:
-    def __init__(self, ds: CachedSplit):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds.lengths)
-
-    def __getitem__(self, i):
-        return self.ds.row_chunks(int(i))
+    tokens, lens, label = col["tokens"], col["chunk_lens"], col["label"]
+    chunks = Chunks(view(tokens.values), view(tokens.offsets), view(lens.values), view(lens.offsets))
+    enc = Encoded(rows=view(col["row"]), texts=[], numeric=_matrix(col["numeric"], n),
+                  missing=_matrix(col["missing"], n), categorical=_matrix(col["categorical"], n),
+                  labels=label.to_numpy(zero_copy_only=False) if label.null_count == 0 else None,
+                  ids=_Strings(col["id"]) if "id" in col else None, report=report)
+    return TableDataset(enc, chunks, truncated)
 
 
 class _Strings:
@@ -228,7 +203,7 @@ def _matrix(arr, n: int) -> np.ndarray:
     return values.reshape(n, len(values) // n if n else 0)
 
 
-def read_cache(folder: str) -> Optional[tuple[Preprocessor, dict[str, CachedSplit], dict]]:
+def read_cache(folder: str) -> Optional[tuple[Preprocessor, dict[str, TableDataset], dict]]:
     """(preprocessor, datasets, meta) of a complete folder, or None (with a warning) when it does not match
     its meta.json."""
     try:
@@ -241,7 +216,7 @@ def read_cache(folder: str) -> Optional[tuple[Preprocessor, dict[str, CachedSpli
             if size != m["bytes"]:
                 raise ValueError(f"{name}.arrow has {size} bytes, {m['bytes']} were written")
         pre = Preprocessor.load(os.path.join(folder, "preprocessing.json"))
-        datasets = {name: CachedSplit(os.path.join(folder, f"{name}.arrow"), m["report"], m["truncated"])
+        datasets = {name: read_split(os.path.join(folder, f"{name}.arrow"), m["report"], m["truncated"])
                     for name, m in meta["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError, MMBertError) as e:
         log.warning("token cache %s is damaged or stale (%s): rebuilding it", folder, str(e).splitlines()[0])
@@ -287,7 +262,7 @@ def _node_leader_result(env, group, error: Optional[str], folder: Optional[str])
 
 
 def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple]) -> tuple[Preprocessor, dict, dict]:
-    """(preprocessor, {split: CachedSplit}, meta) from the folder root/KEY. Only each node's local rank 0
+    """(preprocessor, {split: mapped dataset}, meta) from the folder root/KEY. Only each node's local rank 0
     computes KEY (hashing the data files is its job alone) and, when the folder is missing or damaged, runs
     `build()` -> (pre, {split: (TableDataset, info dict)}, extra meta) and writes it; the node's other ranks
     wait, then every rank maps the folder."""

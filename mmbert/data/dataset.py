@@ -7,18 +7,19 @@ import numpy as np
 import torch
 
 from .preprocess import Encoded
+from .tokenize import Chunks
 
 
 class TableDataset:
     """An encoded split plus its chunked tokens. Item i is row i of the split (position, not file row)."""
 
-    def __init__(self, enc: Encoded, chunks: list[list[np.ndarray]], truncated: int = 0):
+    def __init__(self, enc: Encoded, chunks: Chunks, truncated: int = 0):
         assert len(chunks) == len(enc)
         self.enc = enc
         self.chunks = chunks
         self.truncated_texts = truncated
         # real tokens per row, used by the length-grouped sampler and throughput accounting
-        self.lengths = np.asarray([sum(len(c) for c in ch) for ch in chunks], dtype=np.int64)
+        self.lengths = chunks.row_lengths()
 
     def __len__(self):
         return len(self.enc)

@@ -56,9 +56,41 @@ def pad_id(tokenizer) -> int:
     return 0 if pid is None else int(pid)
 
 
-def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int) -> tuple[list[list[np.ndarray]], int]:
-    """Returns per text a list of int32 token arrays (each [CLS] ... [SEP]) and how many texts were cut
-    at max_chunks. An empty text gives one chunk [CLS] [SEP], so every row has at least one chunk."""
+class Chunks:
+    """Every row's chunks in four flat arrays, with no Python object per row: row i's tokens are
+    tokens[offsets[i]:offsets[i+1]], cut into the chunks chunk_lens[chunk_offsets[i]:chunk_offsets[i+1]] long,
+    each one [CLS] ... [SEP]. Made by chunk_tokenize, or views of a token cache file (data/cache.py)."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, chunk_lens: np.ndarray, chunk_offsets: np.ndarray):
+        self.tokens, self.offsets, self.chunk_lens, self.chunk_offsets = tokens, offsets, chunk_lens, chunk_offsets
+
+    @classmethod
+    def from_counts(cls, tokens: np.ndarray, chunk_lens: np.ndarray, chunks_per_row: np.ndarray) -> "Chunks":
+        chunk_offsets = np.concatenate([[0], np.cumsum(chunks_per_row)]).astype(np.int64)
+        chunk_ends = np.concatenate([[0], np.cumsum(chunk_lens, dtype=np.int64)])
+        return cls(tokens, chunk_ends[chunk_offsets], chunk_lens, chunk_offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> list[np.ndarray]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        lens = self.chunk_lens[self.chunk_offsets[i]:self.chunk_offsets[i + 1]]
+        return np.split(self.tokens[self.offsets[i]:self.offsets[i + 1]], np.cumsum(lens)[:-1])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def row_lengths(self) -> np.ndarray:
+        """Real tokens per row."""
+        return np.diff(self.offsets).astype(np.int64)
+
+
+def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int) -> tuple[Chunks, int]:
+    """Every text's chunks (each [CLS] ... [SEP], int32) and how many texts were cut at max_chunks. An empty text
+    gives one chunk [CLS] [SEP], so every row has at least one chunk."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:  # e.g. RoBERTa-style tokenizers use <s> </s>
         cls_id = tokenizer.bos_token_id if cls_id is None else cls_id
@@ -67,7 +99,7 @@ def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int
         raise ArtifactError("the tokenizer has no [CLS]/[SEP] (or <s>/</s>) tokens to frame chunks with")
     body = max_tokens - 2
     budget = max_chunks * body
-    out: list[list[np.ndarray]] = []
+    tokens, lens, per_row = [], [], []  # int32 arrays per block of texts: never a Python int per token
     truncated = 0
     step = 1024
     for start in range(0, len(texts), step):
@@ -82,13 +114,21 @@ def chunk_tokenize(tokenizer, texts: list[str], max_tokens: int, max_chunks: int
             full = tokenizer([batch[i] for i in redo], add_special_tokens=False, truncation=False)["input_ids"]
             for i, ids in zip(redo, full):
                 ids_batch[i] = ids
+        flat: list[int] = []
         for ids in ids_batch:
             pieces = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
             if len(pieces) > max_chunks:
                 truncated += 1
                 pieces = pieces[:max_chunks]
-            out.append([np.asarray([cls_id, *p, sep_id], dtype=np.int32) for p in pieces])
-    return out, truncated
+            per_row.append(len(pieces))
+            for p in pieces:
+                flat.append(cls_id)
+                flat.extend(p)
+                flat.append(sep_id)
+                lens.append(len(p) + 2)
+        tokens.append(np.asarray(flat, dtype=np.int32))
+    flat_tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    return Chunks.from_counts(flat_tokens, np.asarray(lens, np.int32), np.asarray(per_row, np.int64)), truncated
 
 
 def _prefix(text: str, char_cap: int) -> str:

@@ -183,7 +183,14 @@ def clear_outputs(out: str):
 def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = None) -> dict:
     env = init_distributed(args.timeout_s, args.num_threads)
     try:
-        return run_evaluation(args, env, scorer_loader or default_scorer_loader(args))
+        result = run_evaluation(args, env, scorer_loader or default_scorer_loader(args))
+        # every rank done (rank 0 writes the merged files last) before any tears the group down: a rank that
+        # destroys it while a peer still works in it can abort in gloo's threads ("terminate called ...")
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+        return result
     finally:
         cleanup()
 

@@ -42,9 +42,10 @@ def _tokenized_splits(cfg: Config, tokenizer, with_val: bool) -> tuple[Preproces
     splits = load_splits(cfg.data)
     tr = splits["train"]
     pre = Preprocessor.fit(tr.df, cfg.data, cfg.model.encoder, tr.file)
-    out = {"train": build_dataset(pre, tokenizer, tr.df, tr.file, with_labels=True, name="train")}
+    out = {"train": build_dataset(pre, tokenizer, tr.df, tr.file, with_labels=True, name="train", keep_texts=False)}
     if with_val and "val" in splits and len(splits["val"].df):
-        out["val"] = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val")
+        out["val"] = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val",
+                                   keep_texts=False)
     return pre, splits, out
 
 

@@ -194,3 +194,86 @@ def test_evaluate_tokenizes_once_per_node_and_follows_a_rewritten_file(work, mod
     _, direct_after = evaluate("e", "--no-cache")
     assert rebuilt == 1 and after == direct_after != direct
     assert len(os.listdir(tmp_path / "tok")) == 2
+
+
+def test_a_split_file_in_several_batches_or_short_of_rows_is_rebuilt(cfg_path, caplog):
+    """Every reader takes a column's first batch as the whole column: a file whose columns span several
+    record batches (or with fewer rows than meta.json says) must be rebuilt, never read short."""
+    import pyarrow as pa
+
+    cfg = load_config(cfg_path)
+    calls = []
+    build_and_read(cfg, calls)
+    folder = os.path.join(cfg.data.cache_dir, os.listdir(cfg.data.cache_dir)[0])
+    path = os.path.join(folder, "train.arrow")
+    table = pa.ipc.open_file(path).read_all()
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=50)  # 90 rows: batches of 50 and 40
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    meta["splits"]["train"]["bytes"] = os.path.getsize(path)  # sizes agree: only the batches give it away
+    json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+    (_, got, _), _ = build_and_read(cfg, calls)
+    assert calls == [1, 1] and len(got["train"]) == 90 and "several record batches" in caplog.text
+
+
+def test_the_key_follows_the_code_that_makes_the_rows(cfg_path, monkeypatch):
+    from mmbert.data.tokenize import load_tokenizer
+
+    cfg = load_config(cfg_path)
+    tok = load_tokenizer(cfg.model.encoder)
+    root = os.path.dirname(os.path.abspath(cache.__file__))
+    assert all(os.path.isfile(os.path.join(os.path.dirname(root), f)) for f in cache.CODE_FILES)
+    before = cache.run_data_key(cfg, tok)
+    cache.code_digest.cache_clear()
+    monkeypatch.setattr(cache, "CODE_FILES", cache.CODE_FILES + ("errors.py",))  # as if the code had changed
+    try:
+        assert cache.run_data_key(cfg, tok) != before
+    finally:
+        cache.code_digest.cache_clear()
+
+
+def test_any_build_failure_is_one_line_for_every_rank(cfg_path, tmp_path):
+    cfg = load_config(cfg_path)
+
+    def build():
+        raise RuntimeError("tokenizer exploded\nsecond line")
+
+    with pytest.raises(cache.DataError, match=r"building the token cache in .* failed: RuntimeError: tokenizer "
+                                                r"exploded \(use --no-cache\)$"):
+        cache.node_cache(ENV, str(tmp_path / "tok2"), lambda: "k", build, hint="use --no-cache")
+    root = str(tmp_path / "tok3")
+    assert cache._build_error(PermissionError(13, "Permission denied", os.path.join(root, "k.tmp")), root, "h") == \
+        f"cannot write the token cache {root}: Permission denied (h)"
+    assert cache._build_error(PermissionError(13, "Permission denied", "/data/t.csv"), root, "h") == \
+        "cannot read /data/t.csv: Permission denied"
+
+
+def test_evaluate_with_data_keys_only_the_file_it_scores(model_dir, work):
+    """With --data and no --split, the training run's data (its path may be a hub id, gone, or huge) is
+    neither read nor hashed."""
+    import argparse
+
+    from mmbert.evaluation.rows import _rows_source
+
+    args = argparse.Namespace(model_dir="/nonexistent", data=str(work / "good.csv"), split=None, indices=None)
+    assert _rows_source(args) == ({}, [str(work / "good.csv"), None])
+
+
+def test_loader_workers_leave_stop_signals_to_the_trainer():
+    """SLURM signals every process of the step: a worker must not die of it (the trainer saves and exits)."""
+    import signal
+    import time
+
+    from mmbert.data.loader import _ignore_stop_signals
+
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=lambda: (_ignore_stop_signals(0), time.sleep(30)))
+    p.start()
+    time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(p.pid, sig)
+    time.sleep(0.5)
+    alive = p.is_alive()
+    p.kill()
+    p.join()
+    assert alive

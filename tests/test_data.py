@@ -604,3 +604,26 @@ def test_random_tables_give_valid_tensors_or_a_clear_error(tok, tables):
     except MMBertError as e:
         msg = str(e)
         assert "\n" not in msg and ("train.csv" in msg or "test.csv" in msg), msg
+
+
+def test_building_in_blocks_gives_the_whole_frames_dataset(tok, reviews, monkeypatch):
+    """build_dataset encodes and tokenizes BUILD_BLOCK rows at a time: arrays, chunks, row numbers and the
+    data-fix report (duplicate ids counted across blocks, unseen categories, cut texts summed) are those of
+    the frame in one block; keep_texts=False keeps no text."""
+    from mmbert.data import pipeline
+    from mmbert.data.preprocess import Preprocessor
+
+    df = reviews.iloc[:200].copy()
+    df.insert(0, "rid", [f"r{i}" for i in range(120)] + [f"r{i % 50}" for i in range(80)])
+    train, test = df.iloc[:120], df.iloc[120:].copy()  # test's last 30 ids repeat ids of its first blocks
+    test.loc[test.index[::9], "Class Name"] = "never seen"
+    pre = Preprocessor.fit(train, dcfg(id_column="rid", max_chunks=1), "tok", "f")
+    whole = pipeline.build_dataset(pre, tok, test, "f")
+    monkeypatch.setattr(pipeline, "BUILD_BLOCK", 7)
+    blocks = pipeline.build_dataset(pre, tok, test, "f", keep_texts=False)
+    assert whole.enc.report["duplicate_ids"] == 30 and whole.enc.report["texts_cut_at_max_chunks"] > 0
+    assert blocks.enc.report == whole.enc.report and blocks.truncated_texts == whole.truncated_texts
+    for k in ("rows", "numeric", "missing", "categorical", "labels", "ids"):
+        np.testing.assert_array_equal(getattr(blocks.enc, k), getattr(whole.enc, k), err_msg=k)
+    assert [[c.tolist() for c in r] for r in blocks.chunks] == [[c.tolist() for c in r] for r in whole.chunks]
+    assert blocks.enc.texts == [] and len(whole.enc.texts) == 80

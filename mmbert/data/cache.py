@@ -24,6 +24,8 @@ files do not match meta.json (truncated, or written by another format) is rebuil
 """
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -48,7 +50,7 @@ from .tokenize import Chunks
 log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SPLITS_CACHED = ("train", "val")
 
 
@@ -84,14 +86,35 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.blake2b(f"{text}\0{specials}".encode(), digest_size=16).hexdigest()
 
 
+# The modules that turn a table into cached rows: a change to any of them (an upgrade, a fix) is a new key.
+CODE_FILES = ("config.py", "data/io.py", "data/pipeline.py", "data/preprocess.py", "data/tokenize.py",
+              "data/cache.py", "evaluation/rows.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.blake2b(digest_size=16)
+    for rel in CODE_FILES:
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def new_key(payload: dict):
+    """A digest started with the format, the code and `payload` (JSON); the caller adds the files' bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"format": CACHE_FORMAT, "code": code_digest(), **payload}, sort_keys=True,
+                        default=str).encode())
+    return h
+
+
 def run_data_key(cfg, tokenizer) -> str:
     """The digest of everything the run data is made of (see the module docstring)."""
     d = asdict(cfg.data)
     for k in DATA_CACHE_KEYS:
         d.pop(k, None)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"format": CACHE_FORMAT, "data": d, "encoder": cfg.model.encoder,
-                         "tokenizer": tokenizer_digest(tokenizer)}, sort_keys=True, default=str).encode())
+    h = new_key({"data": d, "encoder": cfg.model.encoder, "tokenizer": tokenizer_digest(tokenizer)})
     s = cfg.data.split
     for path in [cfg.data.path, *(getattr(s, k) for k in SPLIT_PATH_KEYS)]:
         if path:
@@ -108,14 +131,14 @@ def _split_table(ds: TableDataset):
     cols = {
         "row": pa.array(np.asarray(e.rows, dtype=np.int64)),
         "tokens": pa.LargeListArray.from_arrays(pa.array(c.offsets.astype(np.int64)), pa.array(c.tokens)),
-        "chunk_lens": pa.ListArray.from_arrays(pa.array(c.chunk_offsets.astype(np.int32)), pa.array(c.chunk_lens)),
+        "chunk_lens": pa.LargeListArray.from_arrays(pa.array(c.chunk_offsets.astype(np.int64)), pa.array(c.chunk_lens)),
         "numeric": _rows_of(e.numeric, pa.float32()),
         "missing": _rows_of(e.missing, pa.float32()),
         "categorical": _rows_of(e.categorical, pa.int64()),
         "label": pa.array(e.labels if e.labels is not None else [None] * len(e), type=pa.int64()),
     }
     if e.ids is not None:
-        cols["id"] = pa.array([None if v is None else str(v) for v in e.ids], type=pa.string())
+        cols["id"] = pa.array([None if v is None else str(v) for v in e.ids], type=pa.large_string())
     return pa.table(cols)
 
 
@@ -123,8 +146,9 @@ def _rows_of(matrix: np.ndarray, dtype):
     import pyarrow as pa
 
     n, k = matrix.shape
-    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix).reshape(-1), type=dtype))
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int64) if k else np.zeros(n + 1, np.int64)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(matrix).reshape(-1),
+                                                                       type=dtype))
 
 
 def write_cache(folder: str, pre: Preprocessor, parts: dict[str, tuple[TableDataset, dict]], key: str,
@@ -151,23 +175,27 @@ def write_cache(folder: str, pre: Preprocessor, parts: dict[str, tuple[TableData
         open(os.path.join(tmp, "COMPLETE"), "w").close()
         try:
             os.rename(tmp, folder)
-        except OSError:  # another builder's folder is there already: theirs is as good as ours
-            pass
+        except OSError as e:  # another builder's folder is there already: theirs is as good as ours
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading
 
-def read_split(path: str, report: dict, truncated: int) -> TableDataset:
+def read_split(path: str, rows: int, report: dict, truncated: int) -> TableDataset:
     """A split mapped from its Arrow file: token ids, chunk lengths and tabular arrays are views of the file,
     and a row's chunks are cut out when it is collated. Nothing per row is held in Python."""
     import pyarrow as pa
 
     table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     n = table.num_rows
-    if n == 0:
-        raise DataError(f"{path}: empty split in the token cache")
+    if n != rows or n == 0:
+        raise ValueError(f"{os.path.basename(path)} has {n} rows, meta.json says {rows}")
+    split = [name for name in table.column_names if table.column(name).num_chunks != 1]
+    if split:  # every reader below takes chunk 0 as the whole column
+        raise ValueError(f"{os.path.basename(path)}: column {split[0]} is in several record batches")
     col = {name: table.column(name).chunk(0) for name in table.column_names}
 
     def view(arr):
@@ -216,7 +244,7 @@ def read_cache(folder: str) -> Optional[tuple[Preprocessor, dict[str, TableDatas
             if size != m["bytes"]:
                 raise ValueError(f"{name}.arrow has {size} bytes, {m['bytes']} were written")
         pre = Preprocessor.load(os.path.join(folder, "preprocessing.json"))
-        datasets = {name: read_split(os.path.join(folder, f"{name}.arrow"), m["report"], m["truncated"])
+        datasets = {name: read_split(os.path.join(folder, f"{name}.arrow"), m["rows"], m["report"], m["truncated"])
                     for name, m in meta["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError, MMBertError) as e:
         log.warning("token cache %s is damaged or stale (%s): rebuilding it", folder, str(e).splitlines()[0])
@@ -238,10 +266,12 @@ def _wait_group(env):
 
 def _read_or_build(folder: str, key: str, build: Callable[[], tuple]) -> tuple[Optional[tuple], bool]:
     """(what read_cache gives, whether it was built here): the complete folder as it is, or built now."""
+    existed = os.path.isdir(folder)
     got = read_cache(folder) if os.path.isfile(os.path.join(folder, "COMPLETE")) else None
     if got is not None:
         return got, False
-    shutil.rmtree(folder, ignore_errors=True)
+    if existed:  # damaged (never a folder that appeared since: another node's builder may have just made it)
+        shutil.rmtree(folder, ignore_errors=True)
     log.info("token cache: building %s", folder)
     t0 = time.perf_counter()
     pre, parts, extra = build()
@@ -249,7 +279,19 @@ def _read_or_build(folder: str, key: str, build: Callable[[], tuple]) -> tuple[O
     return None, True
 
 
-def _node_leader_result(env, group, error: Optional[str], folder: Optional[str]) -> str:
+def _build_error(e: BaseException, root: str, hint: str) -> str:
+    """The builder's one line for every rank."""
+    if isinstance(e, MMBertError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename and os.path.abspath(str(e.filename)).startswith(os.path.abspath(root)):
+        return f"cannot write the token cache {root}: {e.strerror or e} ({hint})"
+    if isinstance(e, OSError) and e.filename:
+        return f"cannot read {e.filename}: {e.strerror or e}"
+    log.debug("token cache build failed", exc_info=True)
+    return f"building the token cache in {root} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({hint})"
+
+
+def _agree_on(env, group, error: Optional[str], folder: Optional[str]) -> str:
     """Every rank learns whether each node's builder succeeded (all stop with the first error) and which
     folder its own node's builder (local rank 0 on the same host) made."""
     host = socket.gethostname()
@@ -261,11 +303,12 @@ def _node_leader_result(env, group, error: Optional[str], folder: Optional[str])
     return leaders[0] if leaders else outcomes[0][1]
 
 
-def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple]) -> tuple[Preprocessor, dict, dict]:
+def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple],
+               hint: str) -> tuple[Preprocessor, dict, dict]:
     """(preprocessor, {split: mapped dataset}, meta) from the folder root/KEY. Only each node's local rank 0
     computes KEY (hashing the data files is its job alone) and, when the folder is missing or damaged, runs
     `build()` -> (pre, {split: (TableDataset, info dict)}, extra meta) and writes it; the node's other ranks
-    wait, then every rank maps the folder."""
+    wait, then every rank maps the folder, and all stop unless every rank could."""
     group = _wait_group(env)
     error, folder, got, built = None, None, None, False
     if env.local_rank == 0:
@@ -273,15 +316,15 @@ def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tu
             key = key_fn()
             folder = os.path.join(root, key)
             got, built = _read_or_build(folder, key, build)
-        except MMBertError as e:
-            error = str(e)
-        except OSError as e:
-            error = f"cannot write the token cache {root}: {e.strerror or e} (set data.cache_dir, or data.cache: false)"
-    folder = _node_leader_result(env, group, error, folder)
+        except Exception as e:  # any failure, also one outside our errors, must reach the waiting ranks
+            error = _build_error(e, root, hint)
+    folder = _agree_on(env, group, error, folder)
     if got is None:  # not read yet on this rank (a waiting rank, or the builder after its build)
         got = read_cache(folder)
-    if got is None:
-        raise ConfigError(f"token cache {folder} cannot be read after it was built: set data.cache: false")
+    unread = gather_objects(got is None, group)
+    if any(unread):
+        raise ConfigError(f"token cache {folder} cannot be read on rank {unread.index(True)} after it was built "
+                          f"({hint})")
     pre, datasets, meta = got
     log.info("token cache: %s (%s)", folder, ", ".join(f"{n} {m['rows']} rows" for n, m in meta["splits"].items()))
     if built:
@@ -303,4 +346,5 @@ def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple]) -> tuple:
         info = {n: {"file": splits[n].file, "description": splits[n].description} for n in datasets}
         return pre, {n: (ds, info[n]) for n, ds in datasets.items()}, {}
 
-    return node_cache(env, cfg.data.cache_dir or default_cache_dir(), lambda: run_data_key(cfg, tokenizer), parts)
+    return node_cache(env, cfg.data.cache_dir or default_cache_dir(), lambda: run_data_key(cfg, tokenizer), parts,
+                      hint="set data.cache_dir, or --no-cache")

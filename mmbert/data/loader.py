@@ -8,6 +8,7 @@ loader from its state when they differ (a resume, a test that moves the state)."
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -46,6 +47,14 @@ def _as_is(item):
     return item
 
 
+def _ignore_stop_signals(worker_id: int):
+    """Workers leave preemption to the training process: SLURM signals every process of the job step, and a
+    worker dying of SIGTERM would fail the step ("DataLoader worker killed") before the trainer can save.
+    torch's watchdog ends a worker whose parent is gone."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def step_loader(ds: TableDataset, keys: Iterator[StepKey], pad_id: int, pad_to: Optional[tuple[int, int]],
                 num_workers: int, pin_memory: bool) -> DataLoader:
     # fork: the workers share the (memory-mapped) dataset instead of unpickling a copy each
@@ -54,7 +63,8 @@ def step_loader(ds: TableDataset, keys: Iterator[StepKey], pad_id: int, pad_to: 
     # stream the dropout masks use, or a resume (a new loader) would train differently from the run it continues
     return DataLoader(StepBatches(ds, pad_id, pad_to), batch_size=None, sampler=keys, collate_fn=_as_is,
                       num_workers=num_workers, pin_memory=pin_memory, multiprocessing_context=context,
-                      prefetch_factor=2 if num_workers else None, generator=torch.Generator())
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator(),
+                      worker_init_fn=_ignore_stop_signals if num_workers else None)
 
 
 def default_workers(device: torch.device) -> int:

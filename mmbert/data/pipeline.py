@@ -12,8 +12,8 @@ import pandas as pd
 from ..errors import ConfigError, DataError
 from .dataset import TableDataset
 from .io import dataset_dict_splits, load_table, read_indices
-from .preprocess import Preprocessor
-from .tokenize import chunk_tokenize
+from .preprocess import Encoded, Preprocessor
+from .tokenize import Chunks, chunk_tokenize
 
 log = logging.getLogger("mmbert.main")  # identical on every rank: reported once, by rank 0
 
@@ -125,15 +125,30 @@ def load_splits(d) -> dict[str, Split]:
     return splits
 
 
+BUILD_BLOCK = 1 << 16  # rows encoded and tokenized at a time: with keep_texts=False a split's texts never all exist
+
+
 def build_dataset(pre: Preprocessor, tokenizer, df: pd.DataFrame, file: str, with_labels: Optional[bool] = None,
-                  name: str = "data") -> TableDataset:
-    enc = pre.transform(df, file, with_labels=with_labels)
-    chunks, truncated = chunk_tokenize(tokenizer, enc.texts, pre.max_tokens, pre.max_chunks)
+                  name: str = "data", keep_texts: bool = True) -> TableDataset:
+    """Encoded and tokenized rows, block by block (row numbers, reports and errors as for the whole frame);
+    keep_texts=False drops each block's texts once tokenized (what training and evaluation need)."""
+    if with_labels is None:
+        with_labels = bool(pre.label_column) and pre.label_column in df.columns
+    encs, chunks, truncated = [], [], 0
+    for start in range(0, max(len(df), 1), BUILD_BLOCK):
+        enc = pre.transform(df.iloc[start:start + BUILD_BLOCK], file, with_labels=with_labels)
+        block, cut = chunk_tokenize(tokenizer, enc.texts, pre.max_tokens, pre.max_chunks)
+        if not keep_texts:
+            enc.texts = []
+        encs.append(enc)
+        chunks.append(block)
+        truncated += cut
+    enc = Encoded.concat(encs)
     if truncated:
         enc.report["texts_cut_at_max_chunks"] = truncated
     for key, value in enc.report.items():
         log.warning("%s (%s): %s = %s", name, file, key, value)
-    return TableDataset(enc, chunks, truncated)
+    return TableDataset(enc, Chunks.concat(chunks), truncated)
 
 
 def log_label_map(pre: Preprocessor, train_ds: TableDataset, file: str):

@@ -51,6 +51,35 @@ class Encoded:
     def __len__(self):
         return len(self.rows)
 
+    @classmethod
+    def concat(cls, parts: list["Encoded"]) -> "Encoded":
+        """One split from its blocks, in order: the data-fix counts summed, duplicate ids counted across blocks."""
+        if len(parts) == 1:
+            return parts[0]
+        report: dict[str, Any] = {}
+        for p in parts:
+            for k, v in p.report.items():
+                if isinstance(v, dict):
+                    into = report.setdefault(k, {})
+                    for c, n in v.items():
+                        into[c] = into.get(c, 0) + n
+                else:
+                    report[k] = report.get(k, 0) + v
+        ids = None if parts[0].ids is None else [v for p in parts for v in p.ids]
+        report.pop("duplicate_ids", None)
+        if ids is not None and duplicate_count(ids):
+            report["duplicate_ids"] = duplicate_count(ids)
+        labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
+        return cls(rows=np.concatenate([p.rows for p in parts]), texts=[t for p in parts for t in p.texts],
+                   numeric=np.concatenate([p.numeric for p in parts]), missing=np.concatenate([p.missing for p in parts]),
+                   categorical=np.concatenate([p.categorical for p in parts]), labels=labels, ids=ids, report=report)
+
+
+def duplicate_count(ids: list) -> int:
+    """Ids seen before in the list (a value that appears k times counts k - 1)."""
+    seen: set = set()
+    return sum(1 for v in ids if v in seen or seen.add(v))  # type: ignore[func-returns-value]
+
 
 @dataclass
 class Preprocessor:
@@ -229,10 +258,8 @@ class Preprocessor:
         if self.id_column:
             ids = [None if _is_missing(v) else (v.item() if isinstance(v, np.generic) else v)
                    for v in df[self.id_column].tolist()]
-            seen: set = set()
-            dups = [v for v in ids if v in seen or seen.add(v)]  # type: ignore[func-returns-value]
-            if dups:
-                report["duplicate_ids"] = len(dups)
+            if duplicate_count(ids):
+                report["duplicate_ids"] = duplicate_count(ids)
         return Encoded(rows=np.asarray(df.index, dtype=np.int64), texts=texts, numeric=numeric, missing=missing,
                        categorical=categorical, labels=labels, ids=ids, report=report)
 

@@ -70,6 +70,13 @@ class Chunks:
         chunk_ends = np.concatenate([[0], np.cumsum(chunk_lens, dtype=np.int64)])
         return cls(tokens, chunk_ends[chunk_offsets], chunk_lens, chunk_offsets)
 
+    @classmethod
+    def concat(cls, parts: list["Chunks"]) -> "Chunks":
+        if len(parts) == 1:
+            return parts[0]
+        return cls.from_counts(np.concatenate([p.tokens for p in parts]), np.concatenate([p.chunk_lens for p in parts]),
+                               np.concatenate([np.diff(p.chunk_offsets) for p in parts]))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

@@ -5,7 +5,6 @@ every file it reads, the run's data config, the model's fitted preprocessing and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -117,25 +116,34 @@ def read_rows(args: argparse.Namespace, pre, tokenizer) -> tuple[TableDataset, S
     sel = select_rows(args)
     warnings = resolve_id_column(args, sel, pre)
     labelled = bool(pre.label_column) and pre.label_column in sel.df.columns
-    ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data")
+    ds = build_dataset(pre, tokenizer, sel.df, sel.file, with_labels=labelled, name="data", keep_texts=False)
     return ds, Selection(None, sel.file, sel.description), labelled, warnings
+
+
+def _rows_source(args: argparse.Namespace) -> tuple[dict, list]:
+    """(the data config the selection depends on, the paths it reads): with --split, the run's data config
+    (--data in place of data.path) and its files; without, the file scored (--data, else data.path)."""
+    if args.split:
+        d = read_run_config(args.model_dir).data
+        if args.data and not d.split.train_file:
+            d.path = args.data
+        run_data = asdict(d)
+        for k in DATA_CACHE_KEYS:
+            run_data.pop(k, None)
+        return run_data, [d.path, *(getattr(d.split, k) for k in SPLIT_PATH_KEYS)]
+    data = args.data or read_run_config(args.model_dir).data.path
+    return {}, [data, args.indices]
 
 
 def eval_data_key(args: argparse.Namespace, pre, tokenizer) -> str:
     """The digest of everything the scored rows' tokens are made of (see the module docstring)."""
-    from ..data.cache import CACHE_FORMAT, _file_digest, tokenizer_digest
+    from ..data.cache import _file_digest, new_key, tokenizer_digest
 
-    run_data = asdict(read_run_config(args.model_dir).data) if os.path.isfile(
-        os.path.join(args.model_dir, "config.yaml")) else {}
-    for k in DATA_CACHE_KEYS:
-        run_data.pop(k, None)
+    run_data, paths = _rows_source(args)
     selection = {k: getattr(args, k) for k in ("data", "split", "indices", "max_rows", "id_column")}
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"format": CACHE_FORMAT, "kind": "evaluate", "selection": selection, "run_data": run_data,
-                         "preprocessing": pre.to_dict(), "tokenizer": tokenizer_digest(tokenizer)},
-                        sort_keys=True, default=str).encode())
-    split = run_data.get("split") or {}
-    for path in [args.data, args.indices, run_data.get("path"), *(split.get(k) for k in SPLIT_PATH_KEYS)]:
+    h = new_key({"kind": "evaluate", "selection": selection, "run_data": run_data, "preprocessing": pre.to_dict(),
+                 "tokenizer": tokenizer_digest(tokenizer)})
+    for path in paths:
         if path:
             _file_digest(h, path)
     return h.hexdigest()
@@ -154,7 +162,7 @@ def scored_rows(args: argparse.Namespace, env, pre, tokenizer) -> tuple[TableDat
             "labelled": labelled, "id_column": pre.id_column, "warnings": warnings}
 
     _, parts, meta = node_cache(env, args.cache_dir or default_cache_dir(), lambda: eval_data_key(args, pre, tokenizer),
-                                build)
+                                build, hint="use --cache-dir, or --no-cache")
     pre.id_column = meta["id_column"]
     info = meta["splits"]["data"]
     return parts["data"], Selection(None, info["file"], info["description"]), meta["labelled"]

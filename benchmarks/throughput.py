@@ -5,6 +5,8 @@ opt-in lean step (attention dropout 0, frozen word embeddings); same model, 2 ra
 
     python benchmarks/throughput.py                       # ~12 min on 2 CPU cores
     python benchmarks/throughput.py --repeats 1 --steps 4 # quick look, ~2.5 min
+    # against the seed design's plain DDP step, per strategy and FSDP wrap policy (ratios to `seed`)
+    python benchmarks/throughput.py --modes seed,bucketed@ddp,bucketed@fsdp/class,bucketed@fsdp/none
 
 Each (repeat, mode) is one `torchrun train.py` job (DDP by default, batch 16/rank, max_tokens 128,
 max_chunks 1); modes are interleaved (A B C A B C ...) so slow phases of a shared machine hit all of
@@ -33,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -47,7 +50,19 @@ MODES = {  # name -> extra train.py --set overrides
     "bucketed": ["data.pad_to_max=false", "train.bucket_by_length=true", *PRETRAINED],  # the shipped config
     "fixed128_lean": ["data.pad_to_max=true", "train.bucket_by_length=false", *LEAN],
     "bucketed_lean": ["data.pad_to_max=false", "train.bucket_by_length=true", *LEAN],
+    # the seed design's step as a plain torch DDP script (benchmarks/seed_ddp.py): padded to max_tokens,
+    # random batches, DDP and AdamW with their defaults; the reference of the ratios when listed
+    "seed": [*PRETRAINED],
 }
+FIXED = ("fixed128", "seed")  # modes whose texts are padded to max_tokens
+
+
+def mode_parts(mode: str) -> tuple[str, Optional[str], Optional[str]]:
+    """MODE[@STRATEGY[/WRAP]] -> (MODE, strategy or None for --strategy, dist.wrap_policy or None): e.g.
+    bucketed@fsdp/size, bucketed@ddp, so one run compares strategies and wrap policies."""
+    base, _, where = mode.partition("@")
+    strategy, _, wrap = where.partition("/")
+    return base, strategy or None, wrap or None
 
 
 def epoch_lengths(a):
@@ -66,7 +81,7 @@ def step_rows(lengths, mode: str, seed: int, step: int, a):
     """Per rank, the rows (as lengths) train.py's step `step` (0-based) uses."""
     from mmbert.data.samplers import epoch_order, micro_batch
 
-    bucket = mode.startswith("bucketed")
+    bucket = mode_parts(mode)[0].startswith("bucketed")
     order = epoch_order(len(lengths), 0, seed, lengths if bucket else None, a.bucket_block)
     G = a.batch_size * a.nproc
     return [lengths[micro_batch(order, step * G, 0, r, a.nproc, a.batch_size)] for r in range(a.nproc)]
@@ -79,7 +94,7 @@ def window_stats(lengths, mode: str, seed: int, steps: range, a) -> tuple[float,
         for rows in step_rows(lengths, mode, seed, s, a):
             real += int(rows.sum())
             sq += int((rows.astype(float) ** 2).sum())
-            padded += len(rows) * (a.max_tokens if mode.startswith("fixed128") else int(rows.max()))
+            padded += len(rows) * (a.max_tokens if mode_parts(mode)[0].startswith(FIXED) else int(rows.max()))
             n += len(rows)
     return real / n, padded / n, sq / n
 
@@ -99,17 +114,24 @@ def pick_seeds(lengths, mode: str, a, base: int, count: int, candidates: int = 4
 
 def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
     before = common.measure_matmul(a.nproc, a.threads, a.matmul_seconds)
-    args = ["train.py", "--config", a.config, "--strategy", a.strategy, "--output-dir", out_dir, "--overwrite",
-            "--max-steps", str(a.warmup + a.steps), "--batch-size", str(a.batch_size),
-            "--max-tokens", str(a.max_tokens), "--max-chunks", "1", "--max-eval-rows", "1", "--seed", str(seed)]
+    base, strategy, wrap = mode_parts(mode)
+    sets = [*MODES[base], *a.set] + ([f"dist.wrap_policy={wrap}"] if wrap else [])
+    if base == "seed":
+        args = [os.path.join("benchmarks", "seed_ddp.py"), "--config", a.config, "--output-dir", out_dir,
+                "--max-steps", str(a.warmup + a.steps), "--batch-size", str(a.batch_size), "--max-tokens",
+                str(a.max_tokens), "--seed", str(seed)]
+    else:
+        args = ["train.py", "--config", a.config, "--strategy", strategy or a.strategy, "--output-dir", out_dir,
+                "--overwrite", "--max-steps", str(a.warmup + a.steps), "--batch-size", str(a.batch_size),
+                "--max-tokens", str(a.max_tokens), "--max-chunks", "1", "--max-eval-rows", "1", "--seed", str(seed)]
+        sets = ["train.log_every=1", "train.eval_each_epoch=false", "train.select_best=false",
+                "train.progress_bar=false", "train.eval_every=null", "train.checkpoint_every=null", *sets]
     if a.rows:
         args += ["--max-train-rows", str(a.rows)]
-    for kv in ["train.log_every=1", "train.eval_each_epoch=false", "train.select_best=false",
-               "train.progress_bar=false", "train.eval_every=null", "train.checkpoint_every=null",
-               *MODES[mode], *a.set]:
+    for kv in sets:
         args += ["--set", kv]
     t0 = time.time()
-    r = common.run_checked(common.torchrun_cmd(a.nproc, args[0], args[1:]), f"{mode}: train.py")
+    r = common.run_checked(common.torchrun_cmd(a.nproc, args[0], args[1:]), f"{mode}: {args[0]}")
     job_s = time.time() - t0
     after = common.measure_matmul(a.nproc, a.threads, a.matmul_seconds)
     m = re.search(r"threads=(\d+)", r.stdout + r.stderr)
@@ -143,7 +165,8 @@ def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/womens_clothing.yaml")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default=",".join(m for m in MODES if m != "seed"),
+                    help=f"comma list of {', '.join(MODES)}, each optionally @STRATEGY[/WRAP] (bucketed@fsdp/size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8, help="measured steps per job")
     ap.add_argument("--warmup", type=int, default=2, help="skipped steps per job")
@@ -203,7 +226,7 @@ def main():
                                              "padding_fraction", "util_wall", "util_cpu", "samples_per_cpu_s",
                                              "step_time_s", "matmul_flops_per_s", "matmul_flops_per_cpu_s")}
         summary[m]["padding_fraction_epoch"] = epoch_pad[m]
-    ref = "fixed128" if "fixed128" in modes else None
+    ref = next((m for m in ("seed", "fixed128") if m in modes), None)
     if ref:  # paired ratios (same repeat: adjacent in time), then the median
         for m in modes:
             for key, name in (("samples_per_s", "speedup_wall"), ("samples_per_cpu_s", "speedup_cpu")):
@@ -214,14 +237,14 @@ def main():
           f"tokens, 1 chunk; medians of {a.repeats} x {a.steps} steps")
     print(f"matmul peak (sgemm, {a.nproc} procs x {a.threads} thr): {med(modes[0], 'matmul_flops_per_s') / 1e9:.0f} "
           f"GFLOP/s wall, {med(modes[0], 'matmul_flops_per_cpu_s') / 1e9:.0f} GFLOP/s per CPU-second")
-    hdr = (f"{'mode':<16}{'samples/s':>10}{'real tok/s':>11}{'padding':>9}{'pad/epoch':>10}{'util wall':>10}"
-           f"{'util cpu':>9}{'x fixed':>8}{'x fixed cpu':>12}")
+    hdr = (f"{'mode':<22}{'samples/s':>10}{'real tok/s':>11}{'pad tok/s':>10}{'padding':>9}{'pad/epoch':>10}"
+           f"{'util wall':>10}{'util cpu':>9}{'x ' + (ref or '-'):>10}{'x cpu':>7}")
     print(hdr)
     for m in modes:
         s = summary[m]
-        print(f"{m:<16}{s['samples_per_s']:>10.2f}{s['tokens_per_s']:>11.0f}{s['padding_fraction']:>9.3f}"
-              f"{s['padding_fraction_epoch']:>10.3f}{s['util_wall']:>10.2f}{s['util_cpu']:>9.2f}"
-              f"{s.get('speedup_wall', float('nan')):>8.2f}{s.get('speedup_cpu', float('nan')):>12.2f}")
+        print(f"{m:<22}{s['samples_per_s']:>10.2f}{s['tokens_per_s']:>11.0f}{s['padded_tokens_per_s']:>10.0f}"
+              f"{s['padding_fraction']:>9.3f}{s['padding_fraction_epoch']:>10.3f}{s['util_wall']:>10.2f}"
+              f"{s['util_cpu']:>9.2f}{s.get('speedup_wall', float('nan')):>10.2f}{s.get('speedup_cpu', float('nan')):>7.2f}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"date": common.now(), "args": vars(a), "cores": cores, "encoder": shapes, "seeds": seeds,

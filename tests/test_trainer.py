@@ -221,6 +221,7 @@ def test_train_batches_are_the_global_orders_steps_with_or_without_loader_worker
     assert seen == [(0, 64), (0, 72), (0, 80), (1, 0), (1, 8), (1, 40), (1, 48)]
     assert torch.equal(torch.get_rng_state(), rng)
     assert type(t.batches).__name__ == ("_MultiProcessingDataLoaderIter" if workers else "_SingleProcessDataLoaderIter")
+    t.batches = None  # its workers stop now, as at the end of Trainer.run
 
 
 # ----------------------------------------------------------------------------- evaluate

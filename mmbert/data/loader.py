@@ -48,10 +48,11 @@ def _as_is(item):
 
 
 def _ignore_stop_signals(worker_id: int):
-    """Workers leave preemption to the training process: SLURM signals every process of the job step, and a
-    worker dying of SIGTERM would fail the step ("DataLoader worker killed") before the trainer can save.
-    torch's watchdog ends a worker whose parent is gone."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    """Preemption is the training process's: SIGUSR1 (our SLURM script's preemption signal, which srun or
+    SLURM may deliver to every process of the step) and Ctrl-C must not kill a worker mid-step, which would
+    fail the step ("DataLoader worker killed") before the trainer saves. SIGTERM keeps torch's handling (a
+    worker exits when its parent sends it; shutdown and interpreter exit rely on that)."""
+    for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

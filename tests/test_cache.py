@@ -232,9 +232,7 @@ def test_the_key_follows_the_code_that_makes_the_rows(cfg_path, monkeypatch):
         cache.code_digest.cache_clear()
 
 
-def test_any_build_failure_is_one_line_for_every_rank(cfg_path, tmp_path):
-    cfg = load_config(cfg_path)
-
+def test_any_build_failure_is_one_line_for_every_rank(tmp_path):
     def build():
         raise RuntimeError("tokenizer exploded\nsecond line")
 
@@ -268,12 +266,15 @@ def test_loader_workers_leave_preemption_to_the_trainer_but_stop_when_told():
     from mmbert.data.loader import _ignore_stop_signals
 
     ctx = mp.get_context("fork")
-    p = ctx.Process(target=lambda: (_ignore_stop_signals(0), time.sleep(30)))
+    ready = ctx.Event()
+    # SIGTERM as a DataLoader worker has it (torch's handler dies of it), whatever this process installed
+    p = ctx.Process(target=lambda: (signal.signal(signal.SIGTERM, signal.SIG_DFL), _ignore_stop_signals(0),
+                                    ready.set(), time.sleep(60)))
     p.start()
-    time.sleep(0.5)
+    assert ready.wait(60)  # the handlers are in place (a loaded machine may take a while to get there)
     for sig in (signal.SIGUSR1, signal.SIGINT):
         os.kill(p.pid, sig)
-    time.sleep(0.5)
+    time.sleep(1)
     alive = p.is_alive()
     p.terminate()
     p.join(10)

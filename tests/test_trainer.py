@@ -387,3 +387,19 @@ def test_train_state_round_trip_ignores_unknown_keys():
     assert TrainState.from_dict(extra) == s
     assert TrainState.from_dict({"step": 3, "unknown": 1}) == TrainState(step=3)  # missing keys: the defaults
     assert TrainState.from_dict({}).to_dict() == TrainState().to_dict()
+
+
+def test_preemption_handlers_are_the_callers_again_after_the_loop():
+    """SIGTERM / SIGUSR1 set the flag during the loop only: after mmbert.train() in a notebook or a service,
+    the process's own handlers are back (SIGTERM ends it again)."""
+    import signal
+
+    from mmbert.training.loop import Preemption
+
+    before = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    with Preemption() as p:
+        assert all(signal.getsignal(sig) == p._handler for sig in Preemption.SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert p.requested and p.signal_name == "SIGUSR1"
+    assert {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS} == before
+

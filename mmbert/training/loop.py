@@ -52,11 +52,21 @@ MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_check
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; ranks agree on it (all-reduce MAX) at each step boundary."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.requested = False
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self.previous = {}
+
+    def __enter__(self) -> "Preemption":
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        # the caller's handlers back: after mmbert.train() in a notebook or service, SIGTERM ends it again
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -464,7 +474,9 @@ class Trainer:
             self.bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
                             dynamic_ncols=True)
         try:
-            if not self.loop(Preemption()):
+            with Preemption() as preempt:
+                finished = self.loop(preempt)
+            if not finished:
                 return None
         finally:
             self.batches = None  # stops the loader's workers

@@ -109,17 +109,27 @@ def new_key(payload: dict):
     return h
 
 
-def run_data_key(cfg, tokenizer) -> str:
-    """The digest of everything the run data is made of (see the module docstring)."""
-    d = asdict(cfg.data)
+def data_config_source(d) -> tuple[dict, list]:
+    """(every data.* key but the cache's own, the paths they read: data.path and the split/index files)."""
+    keys = asdict(d)
     for k in DATA_CACHE_KEYS:
-        d.pop(k, None)
-    h = new_key({"data": d, "encoder": cfg.model.encoder, "tokenizer": tokenizer_digest(tokenizer)})
-    s = cfg.data.split
-    for path in [cfg.data.path, *(getattr(s, k) for k in SPLIT_PATH_KEYS)]:
+        keys.pop(k, None)
+    return keys, [d.path, *(getattr(d.split, k) for k in SPLIT_PATH_KEYS)]
+
+
+def finish_key(h, paths) -> str:
+    """The digest `h` with the bytes behind every given path (None: not configured) added."""
+    for path in paths:
         if path:
             _file_digest(h, path)
     return h.hexdigest()
+
+
+def run_data_key(cfg, tokenizer) -> str:
+    """The digest of everything the run data is made of (see the module docstring)."""
+    data, paths = data_config_source(cfg.data)
+    return finish_key(new_key({"data": data, "encoder": cfg.model.encoder, "tokenizer": tokenizer_digest(tokenizer)}),
+                      paths)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .dataset import TableDataset, collate
-from .samplers import micro_batch
+from .samplers import micro_batch, step_start
 
 StepKey = tuple  # (epoch, position, [this rank's row positions per micro-batch])
 
@@ -25,8 +25,7 @@ def step_keys(epoch: int, position: int, n: int, global_batch: int, order_of: Ca
               rank: int, world: int, batch_size: int, grad_accum: int) -> Iterator[StepKey]:
     """The steps from (epoch, position) on, without end: an epoch ends when a global batch no longer fits."""
     while True:
-        if position + global_batch > n:
-            epoch, position = epoch + 1, 0
+        epoch, position = step_start(epoch, position, n, global_batch)
         order = order_of(epoch)
         yield epoch, position, [micro_batch(order, position, m, rank, world, batch_size) for m in range(grad_accum)]
         position += global_batch

@@ -36,6 +36,12 @@ def epoch_order(n: int, epoch: int, seed: int, lengths: Optional[np.ndarray] = N
     return np.concatenate([blocks[i] for i in order]) if blocks else perm
 
 
+def step_start(epoch: int, position: int, n: int, global_batch: int) -> tuple[int, int]:
+    """(epoch, position) where the step at `position` of `epoch` really starts: the next epoch's beginning
+    when a whole global batch no longer fits in this one."""
+    return (epoch + 1, 0) if position + global_batch > n else (epoch, position)
+
+
 def steps_per_epoch(n: int, global_batch: int) -> int:
     """Full global batches per epoch; the < global_batch leftover rows of an epoch's order are skipped
     (a different random set each epoch)."""

@@ -8,13 +8,12 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import pandas as pd
 
 from ..artifact import read_run_config
-from ..config import DATA_CACHE_KEYS, SPLIT_PATH_KEYS
 from ..data.dataset import TableDataset
 from ..data.io import HUB_PREFIX, load_table, read_indices
 from ..data.pipeline import build_dataset, recorded_path, select_splits
@@ -44,18 +43,24 @@ def id_column_hint(args: argparse.Namespace) -> list[str]:
     return [name] if isinstance(name, str) else []
 
 
+def split_data_config(args: argparse.Namespace):
+    """The run's typed data config, with --data in place of data.path (when the run had no split files)."""
+    d = read_run_config(args.model_dir).data
+    if args.data and not d.split.train_file:
+        d.path = args.data
+    return d
+
+
 def split_rows(args: argparse.Namespace) -> Selection:
     """--split NAME: the rows training put in that split, chosen by the function training used
     (select_splits) from the run's typed config.yaml; --data replaces data.path (not a separate split file)."""
     name, cfg_file = args.split, os.path.join(args.model_dir, "config.yaml")
-    d = read_run_config(args.model_dir).data
+    d = split_data_config(args)
     d.id_column = (id_column_hint(args) or [None])[0]
     recorded = getattr(d.split, f"{name}_file")
     if args.data and recorded and os.path.abspath(args.data) != os.path.abspath(recorded):
         raise ConfigError(f"--split {name}: the model was trained with a separate {name} file ({recorded}); "
                           f"drop --data, or give --data without --split")
-    if args.data and not d.split.train_file:
-        d.path = args.data
     sp = select_splits(d, [name], source=cfg_file).get(name)
     if sp is None:
         raise ConfigError(f"--split {name}: {cfg_file} records no {name} split (or its fractions leave it empty)")
@@ -123,30 +128,22 @@ def read_rows(args: argparse.Namespace, pre, tokenizer) -> tuple[TableDataset, S
 def _rows_source(args: argparse.Namespace) -> tuple[dict, list]:
     """(the data config the selection depends on, the paths it reads): with --split, the run's data config
     (--data in place of data.path) and its files; without, the file scored (--data, else data.path)."""
+    from ..data.cache import data_config_source
+
     if args.split:
-        d = read_run_config(args.model_dir).data
-        if args.data and not d.split.train_file:
-            d.path = args.data
-        run_data = asdict(d)
-        for k in DATA_CACHE_KEYS:
-            run_data.pop(k, None)
-        return run_data, [d.path, *(getattr(d.split, k) for k in SPLIT_PATH_KEYS)]
+        return data_config_source(split_data_config(args))
     data = args.data or read_run_config(args.model_dir).data.path
     return {}, [data, args.indices]
 
 
 def eval_data_key(args: argparse.Namespace, pre, tokenizer) -> str:
     """The digest of everything the scored rows' tokens are made of (see the module docstring)."""
-    from ..data.cache import _file_digest, new_key, tokenizer_digest
+    from ..data.cache import finish_key, new_key, tokenizer_digest
 
     run_data, paths = _rows_source(args)
     selection = {k: getattr(args, k) for k in ("data", "split", "indices", "max_rows", "id_column")}
-    h = new_key({"kind": "evaluate", "selection": selection, "run_data": run_data, "preprocessing": pre.to_dict(),
-                 "tokenizer": tokenizer_digest(tokenizer)})
-    for path in paths:
-        if path:
-            _file_digest(h, path)
-    return h.hexdigest()
+    return finish_key(new_key({"kind": "evaluate", "selection": selection, "run_data": run_data,
+                               "preprocessing": pre.to_dict(), "tokenizer": tokenizer_digest(tokenizer)}), paths)
 
 
 def scored_rows(args: argparse.Namespace, env, pre, tokenizer) -> tuple[TableDataset, Selection, bool]:

@@ -24,7 +24,7 @@ from ..assembly import build_run_data, build_run_model, model_spec
 from ..config import Config
 from ..data.dataset import batch_token_counts, move_batch
 from ..data.loader import default_workers, step_keys, step_loader
-from ..data.samplers import epoch_order, steps_per_epoch
+from ..data.samplers import epoch_order, step_start, steps_per_epoch
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.parallel import (
@@ -307,8 +307,8 @@ class Trainer:
             state = self.state
             if not saved.get("rng_restored"):
                 torch.manual_seed(tc.seed + 1000 * env.rank + 7919 * state.step)
-            if state.position + self.G > self.n:  # the saved epoch ended (or the new world size's batch doesn't fit)
-                state.epoch, state.position = state.epoch + 1, 0
+            # the saved epoch ended (or the new world size's batch doesn't fit)
+            state.epoch, state.position = step_start(state.epoch, state.position, self.n, self.G)
             log.info("resumed from %s at step %d (epoch %d, position %d; saved on %d ranks, now %d)",
                      resume_path, state.step, state.epoch, state.position, saved.get("world_size"), env.world_size)
         self.lr_plan = plan_lr(tc, self.total_steps, saved.get("lr_plan"), saved.get("config"))
@@ -350,8 +350,7 @@ class Trainer:
     def epoch_order(self):
         """This epoch's global order, advancing the epoch when it is used up."""
         state = self.state
-        if state.position + self.G > self.n:
-            state.epoch, state.position = state.epoch + 1, 0
+        state.epoch, state.position = step_start(state.epoch, state.position, self.n, self.G)
         return self.order_of(state.epoch)
 
     def train_batches(self) -> list[dict]:

@@ -119,28 +119,39 @@ def _load_export(path: str, threads: Optional[int]) -> Predictor:
     return Predictor(s.predict_proba, s.preprocessor, s.tokenizer, meta)
 
 
-def _load_model_dir(path: str, trust_remote_code: bool, device: Optional[str]) -> Predictor:
+def _load_model_dir(path, trust_remote_code: bool, device: Optional[str]) -> Predictor:
+    """One model directory, or several / an ensemble folder as one ensemble (mmbert/ensemble.py)."""
     import torch
 
-    from .artifact import open_model_dir
+    from .ensemble import open_models
     from .scoring import torch_scorer
 
-    md = open_model_dir(path, trust_remote_code)
+    md = open_models(path, trust_remote_code)
     try:
         dev = torch.device(device or "cpu")
         md.model.to(dev)
     except (RuntimeError, AssertionError) as e:  # an unknown device string, CUDA missing from this torch ...
         raise ConfigError(f"device '{device}' cannot be used here: {str(e).splitlines()[0]}") from None
-    summary = _read_json(os.path.join(path, "train_summary.json"))
-    meta = _metadata(path, "torch", md.spec.to_dict(), md.pre, {"device": str(dev), "train_summary": summary})
+    members = md.members or [md.path]
+    summaries = [_read_json(os.path.join(d, "train_summary.json")) for d in members]
+    extra = {"device": str(dev), "train_summary": summaries[0]}
+    if md.members:
+        extra["ensemble"] = [{"dir": d, "fusion": m.spec.fusion, "train_summary": t}
+                             for d, m, t in zip(members, md.model.members, summaries)]
+    meta = _metadata(md.path if not md.members else members, "torch", md.spec.to_dict(), md.pre, extra)
     return Predictor(torch_scorer(md.model, dev), md.pre, md.tokenizer, meta)
 
 
-def load(path: str, trust_remote_code: bool = False, device: Optional[str] = None,
+def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
          threads: Optional[int] = None) -> Predictor:
     """A Predictor for `path`: a trained model directory (RUN/final or RUN/best; a run's output directory
-    means its final/), scored with PyTorch on `device` (default cpu); or an export (export.py's folder, or
-    one of its .onnx files), scored with onnxruntime on `threads` threads."""
+    means its final/), scored with PyTorch on `device` (default cpu); a list of them, or a folder with
+    ensemble.json (train.py --seeds), as one ensemble averaging their probabilities; or an export
+    (export.py's folder, or one of its .onnx files), scored with onnxruntime on `threads` threads."""
+    from .ensemble import ENSEMBLE_FILE
+
+    if isinstance(path, (list, tuple)):
+        return _load_model_dir([os.fspath(p) for p in path], trust_remote_code, device)
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".onnx"):
         return _load_export(path, threads)
@@ -150,10 +161,12 @@ def load(path: str, trust_remote_code: bool = False, device: Optional[str] = Non
         return _load_model_dir(path, trust_remote_code, device)
     if os.path.isfile(os.path.join(path, "model.onnx")):
         return _load_export(path, threads)
+    if os.path.isfile(os.path.join(path, ENSEMBLE_FILE)):
+        return _load_model_dir(path, trust_remote_code, device)
     if os.path.isfile(os.path.join(path, "final", "model_spec.json")):
         return _load_model_dir(os.path.join(path, "final"), trust_remote_code, device)
     raise ArtifactError(f"{path} is neither a model directory (model_spec.json + model.safetensors), an export "
-                        f"(model.onnx) nor a finished run (final/)")
+                        f"(model.onnx), an ensemble ({ENSEMBLE_FILE}) nor a finished run (final/)")
 
 
 # ----------------------------------------------------------------------------- train / evaluate / export
@@ -161,8 +174,8 @@ def load(path: str, trust_remote_code: bool = False, device: Optional[str] = Non
 @dataclass
 class TrainResult:
     output_dir: str
-    model_dir: Optional[str]  # OUTPUT/final; None when the run was preempted (resume with resume="auto")
-    summary: dict  # final/train_summary.json: steps, best_step, best_metric, metric, seconds ...
+    model_dir: Optional[str]  # OUTPUT/final (OUTPUT with seeds=[...]: the ensemble); None when preempted (resume="auto")
+    summary: dict  # final/train_summary.json: steps, best_step, best_metric, metric, seconds ... ({"members": [...]})
     metrics_file: str  # OUTPUT/metrics.jsonl: every logged step and evaluation
 
 
@@ -201,7 +214,13 @@ def train(config: Union[str, dict, Any, None] = None, overrides: Optional[dict] 
     cfg = _config(config, options, overrides)
     final = run_training(cfg)
     out = cfg.train.output_dir
-    summary = (_read_json(os.path.join(final, "train_summary.json")) or {}) if final else {}
+    summary = {}
+    if final and cfg.train.seeds:  # an ensemble: OUTPUT holds ensemble.json and a run per seed
+        from .ensemble import read_ensemble
+
+        summary = {"members": [_read_json(os.path.join(d, "train_summary.json")) for d in read_ensemble(final)]}
+    elif final:
+        summary = _read_json(os.path.join(final, "train_summary.json")) or {}
     return TrainResult(out, final, summary, os.path.join(out, "metrics.jsonl"))
 
 
@@ -216,7 +235,9 @@ def _argv(options: dict) -> list[str]:
     argv = []
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
-        if value is True:
+        if isinstance(value, (list, tuple)):  # several values (model_dir=[a, b]: an ensemble)
+            argv += [flag, *(os.fspath(v) for v in value)]
+        elif value is True:
             argv.append(flag)
         elif value is not None and value is not False:  # 0 is a value (and refused as the CLI refuses it)
             argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]

@@ -233,7 +233,8 @@ class ModelDir:
     spec: ModelSpec
     pre: Preprocessor
     tokenizer: object
-    model: MultimodalClassifier  # float weights, eval mode, on the CPU
+    model: MultimodalClassifier  # float weights, eval mode, on the CPU (an EnsembleModel for an ensemble)
+    members: Optional[list[str]] = None  # an ensemble's member directories (mmbert/ensemble.py)
 
     @property
     def pad_id(self) -> int:

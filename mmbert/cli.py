@@ -29,6 +29,7 @@ SHORTCUTS = {
     "eval_every": ("train.eval_every", int),
     "resume": ("train.resume", str),
     "seed": ("train.seed", int),
+    "seeds": ("train.seeds", list),
     "lr": ("train.lr", float),
 }
 SPLITS = ("train", "val", "test")
@@ -63,12 +64,25 @@ def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in OUTPUT/checkpoints) or a checkpoint dir")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                   help="train one ensemble member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json "
+                        "(evaluate.py / export.py --model-dir OUTPUT score their mean probability)")
     p.add_argument("--lr", type=float)
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
     p.add_argument("--no-cache", action="store_true", help="read and tokenize the data on every rank, bypassing "
                                                            "the token cache (data.cache: false)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 42,43,44; got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed, e.g. 42,43,44")
+    return seeds
 
 
 def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Namespace]:
@@ -102,8 +116,10 @@ def train_command(argv, prog: str = "train.py"):
 def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Evaluate (labelled data) or predict (unlabelled data) with a trained model "
                                        "directory, on one process or many.")
-    p.add_argument("--model-dir", help="a model directory written by train.py (RUN/final or RUN/best); "
-                                       "optional with --onnx (then the export folder is used)")
+    p.add_argument("--model-dir", nargs="+", metavar="DIR",
+                   help="a model directory written by train.py (RUN/final or RUN/best); several, or a folder "
+                        "with ensemble.json (train.py --seeds), score their mean probability as one ensemble; "
+                        "optional with --onnx (then the export folder is used)")
     p.add_argument("--onnx", metavar="FILE", help="score with onnxruntime through an exported model (export.py "
                                                  "output: model.onnx, model.int8.onnx or its folder) instead of PyTorch")
     p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
@@ -139,8 +155,18 @@ def parse_eval_args(argv, prog: str = "evaluate.py") -> argparse.Namespace:
     if not args.model_dir and not args.onnx:
         raise ConfigError(f"{prog}: give --model-dir (a trained model) or --onnx (an exported one)")
     if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
-        args.model_dir = args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))
+        args.model_dir = [args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))]
+    set_model_dirs(args)
     return args
+
+
+def set_model_dirs(args: argparse.Namespace):
+    """args.model_dirs: every member (an ensemble folder, or several --model-dir, expanded); args.model_dir:
+    the first, whose preprocessing.json and config.yaml (shared by the members) select and read the rows."""
+    from .ensemble import resolve_model_dirs
+
+    args.model_dirs = [args.model_dir[0]] if args.onnx else resolve_model_dirs(args.model_dir)
+    args.model_dir = args.model_dirs[0]
 
 
 def evaluate_command(argv, prog: str = "evaluate.py"):
@@ -155,7 +181,9 @@ def build_export_parser(prog: str = "export.py") -> argparse.ArgumentParser:
     from .export.onnx import EXPORTERS, INT8_TOLERANCE
 
     p = _Parser(prog=prog, description="Export a consolidated model directory (RUN/final) to ONNX.")
-    p.add_argument("--model-dir", required=True, help="consolidated model directory, e.g. runs/NAME/final")
+    p.add_argument("--model-dir", required=True, nargs="+", metavar="DIR",
+                   help="consolidated model directory, e.g. runs/NAME/final; several, or a folder with "
+                        "ensemble.json (train.py --seeds), export one graph averaging their probabilities")
     p.add_argument("--output", required=True, help="the .onnx file to write (or a folder: FOLDER/model.onnx); "
                    "preprocessing.json, model_spec.json and tokenizer/ are written beside it. The folder must be "
                    "new, empty or an earlier export (which is replaced)")

@@ -109,6 +109,9 @@ class TrainConfig:
     resume: Optional[str] = None  # "auto" or a checkpoint directory
     overwrite: bool = False
     seed: int = 42
+    # Train one member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json (mmbert/ensemble.py): evaluate,
+    # export and mmbert.load take OUTPUT as one model averaging the members' probabilities.
+    seeds: Optional[list[int]] = None
     bucket_by_length: bool = True
     bucket_block: int = 64
     num_threads: Optional[int] = None
@@ -400,5 +403,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.report_to': {bad[0]!r} is not one of {', '.join(REPORT_TO)}")
     if "none" in t.report_to and len(set(t.report_to)) > 1:
         raise ConfigError(f"config key 'train.report_to': 'none' cannot be combined with trackers, got {t.report_to}")
+    validate_seeds(t)
     if t.resume not in (None, "auto") and not os.path.isdir(t.resume):
         raise ConfigError(f"config key 'train.resume': '{t.resume}' is neither 'auto' nor a checkpoint directory")
+
+
+def validate_seeds(t: TrainConfig) -> None:
+    if t.seeds is None:
+        return
+    if not t.seeds or len(set(t.seeds)) != len(t.seeds) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t.seeds):
+        raise ConfigError(f"config key 'train.seeds' must list distinct integers >= 0 (one ensemble member each), "
+                          f"got {t.seeds}")
+    if t.resume not in (None, "auto"):
+        raise ConfigError(f"config key 'train.resume': with train.seeds only 'auto' applies (each member resumes "
+                          f"its own checkpoints), got '{t.resume}'")

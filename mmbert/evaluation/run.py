@@ -27,11 +27,11 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from ..artifact import open_model_dir
 from ..data.dataset import TableDataset
 from ..data.tokenize import pad_id
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.gather import gather_objects
+from ..ensemble import open_models
 from ..errors import ArtifactError, ConfigError, MMBertError
 from ..metrics import compute_metrics, per_class_report, summary_table
 from ..scoring import Scorer, predict, torch_scorer
@@ -52,8 +52,8 @@ RANK_FILE = "test_result_rank{}.tsv"
 
 def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
     """(scorer, preprocessor, tokenizer) from the model directory: the consolidated safetensors weights
-    in a plain model on this rank's device."""
-    md = open_model_dir(args.model_dir, args.trust_remote_code)
+    in a plain model on this rank's device (an ensemble of them with several directories)."""
+    md = open_models(getattr(args, "model_dirs", None) or args.model_dir, args.trust_remote_code)
     md.model.to(env.device)
     return torch_scorer(md.model, env.device), md.pre, md.tokenizer
 
@@ -195,6 +195,14 @@ def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = N
         cleanup()
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """What scores the rows, for messages: the export, the model directory, or the ensemble's members."""
+    dirs = getattr(args, "model_dirs", None) or [args.model_dir]
+    if args.onnx or len(dirs) == 1:
+        return args.onnx or dirs[0]
+    return f"ensemble of {len(dirs)} ({', '.join(dirs)})"
+
+
 def prepare_output_dir(args: argparse.Namespace) -> str:
     out = args.output_dir
     try:
@@ -204,7 +212,8 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
     if not getattr(args, "onnx", None):
         from ..artifact import require_model_dir
 
-        require_model_dir(args.model_dir)  # named before any data error, as load_artifact would
+        for d in getattr(args, "model_dirs", None) or [args.model_dir]:
+            require_model_dir(d)  # named before any data error, as load_artifact would
     return out
 
 
@@ -219,12 +228,12 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
         clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes
         log.info("%s: %d rows (%s)%s | model %s | %d process%s on %s", sel.file, len(ds), sel.description,
                  "" if labelled else f" | no label column '{pre.label_column}': prediction run",
-                 args.onnx or args.model_dir, env.world_size, "es" if env.world_size > 1 else "", env.device)
+                 model_name(args), env.world_size, "es" if env.world_size > 1 else "", env.device)
 
     own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id(tokenizer),
                                     progress=env.is_main and not args.no_progress, scorer=scorer,
                                     num_classes=pre.num_classes)
-    check_scores(probs, ds, pre.num_classes, pre.classes, args.onnx or args.model_dir)
+    check_scores(probs, ds, pre.num_classes, pre.classes, model_name(args))
     order = np.argsort(own, kind="stable")  # the rank file in input order too
     rank_file = os.path.join(out, RANK_FILE.format(env.rank))
     staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], class_names,
@@ -248,7 +257,8 @@ def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: Ta
     result["per_class"] = per_class_report(labels, probs, class_names)
     # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
     result["data_report"] = ds.enc.report
-    result["run"] = {"model_dir": args.model_dir, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
+    dirs = getattr(args, "model_dirs", None) or [args.model_dir]
+    result["run"] = {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
                      "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
     tmp = os.path.join(args.output_dir, METRICS + ".tmp")
     with open(tmp, "w") as f:

@@ -44,6 +44,13 @@ def input_names_for(spec) -> list[str]:
     return names
 
 
+def model_input_names(model) -> list[str]:
+    """The graph inputs of a model, or of an ensemble the union of its members' (in INPUTS order)."""
+    specs = getattr(model, "member_specs", None) or [model.spec]
+    wanted = {n for spec in specs for n in input_names_for(spec)}
+    return [n for n in INPUTS if n in wanted]
+
+
 def int8_path(output: str) -> str:
     stem = output[:-5] if output.endswith(".onnx") else output
     return stem + ".int8.onnx"
@@ -467,32 +474,49 @@ def _export_verified(model, names: list[str], batches: list[dict], path: str, ex
     return report
 
 
-def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, opset: Optional[int] = None,
+def ensemble_report(dirs: list[str], model) -> dict:
+    """What an ensemble export averages: each member's folder, fusion and training summary."""
+    members = []
+    for d, spec in zip(dirs, model.member_specs):
+        summary = None
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(d, "train_summary.json")) as f:
+            summary = json.load(f)
+        members.append({"dir": os.path.abspath(d), "fusion": spec.fusion, "train_summary": summary})
+    return {"combine": "mean_probability", "members": members}
+
+
+def export_onnx(model_dir, output: str, quantize: Optional[str] = None, opset: Optional[int] = None,
                 exporter: str = "auto", data: Optional[str] = None, atol: float = 1e-4, rows: int = 48,
                 debug: bool = False, say: Optional[Callable[[str], None]] = None,
                 int8_tolerance: float = INT8_TOLERANCE) -> dict:
-    """Export `model_dir` (a consolidated RUN/final) to `output`, verify it with onnxruntime against
+    """Export `model_dir` (a consolidated RUN/final; several, or an ensemble folder, as one graph averaging
+    their probabilities: mmbert/ensemble.py) to `output`, verify it with onnxruntime against
     PyTorch on real rows of several shapes, optionally add an int8 copy (refused when its probabilities drift
     from fp32 by more than int8_tolerance), and make the folder self-contained. The folder must be new, empty or
     an earlier export, which is replaced whole. Raises ArtifactError (nothing written) when export or
     verification fails."""
     import torch
 
-    from ..artifact import open_model_dir
+    from ..ensemble import open_models, resolve_model_dirs
 
     say = say or (lambda msg: print(msg, flush=True))
     if exporter not in EXPORTERS:
         raise ArtifactError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
     if quantize not in (None, "int8"):
         raise ArtifactError(f"unknown quantization '{quantize}' (only int8 is supported)")
-    output, out_dir = _resolve_output(model_dir, output)
+    dirs = resolve_model_dirs(model_dir)
+    for d in dirs:
+        output, out_dir = _resolve_output(d, output)
     previous = _previous_export(out_dir)  # before the slow part: a wrong folder fails at once
 
-    md = open_model_dir(model_dir)
+    md = open_models(dirs)
+    model_dir = md.path  # the first member: its config.yaml finds verification rows, its companions are shipped
     model, pre, tokenizer = md.model.float().eval(), md.pre, md.tokenizer
-    names = input_names_for(model.spec)
+    names = model_input_names(model)
     batches, rows_desc = verification_batches(model_dir, model.spec, pre, tokenizer, data, rows)
-    say(f"exporting {model_dir} (fusion {model.spec.fusion}, inputs {', '.join(names)}); verifying on {rows_desc}")
+    what = f"ensemble of {len(dirs)} ({', '.join(dirs)})" if md.members else model_dir
+    fusions = sorted({s.fusion for s in getattr(model, "member_specs", [model.spec])})
+    say(f"exporting {what} (fusion {', '.join(fusions)}, inputs {', '.join(names)}); verifying on {rows_desc}")
 
     os.makedirs(out_dir, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
@@ -502,6 +526,8 @@ def export_onnx(model_dir: str, output: str, quantize: Optional[str] = None, ops
         report = _export_verified(model, names, batches, fp32_path, exporter, opset, atol, debug, say)
         report.update(fusion=model.spec.fusion, classes=[str(c) for c in pre.class_names], verified_on=rows_desc,
                       torch=torch.__version__)
+        if md.members:
+            report["ensemble"] = ensemble_report(dirs, model)
         if quantize == "int8":
             report["int8"] = _int8_copy(fp32_path, batches, int8_tolerance, say)
         # the ONNX files and any external-data files beside them: a later export must know to remove them all

@@ -202,16 +202,26 @@ def restore(path: str, model, optimizer, cfg_dict: dict, env: DistEnv, best_dir:
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config) -> Optional[str]:
+    """OUTPUT/final (with train.seeds: OUTPUT, holding the members and ensemble.json); None when preempted."""
     check_encoder_fits(cfg)
     env = init_distributed(cfg.dist.timeout_s, cfg.train.num_threads)
-    lock = None
     try:
-        lock = prepare_output_dir(cfg.train.output_dir, cfg, env)
+        if cfg.train.seeds:
+            from .seeds import train_members
+
+            return train_members(cfg, env)
+        return train_in(cfg, env)
+    finally:
+        cleanup()
+
+
+def train_in(cfg: Config, env: DistEnv) -> Optional[str]:
+    """One run in its locked output directory, in an initialised process group."""
+    lock = prepare_output_dir(cfg.train.output_dir, cfg, env)
+    try:
         return _train(cfg, env)
     finally:
-        if lock is not None:
-            lock.release()
-        cleanup()
+        lock.release()
 
 
 def _train(cfg: Config, env: DistEnv) -> Optional[str]:

@@ -25,7 +25,7 @@ log = logging.getLogger("mmbert")
 LOCK = ".lock"
 # Everything a run writes into OUTPUT; any of these (bar config/preprocessing, which a user may keep there)
 # means the directory belongs to a run.
-STATE_NAMES = ("final", "final.tmp", "best", "best.tmp", "checkpoints", "metrics.jsonl")
+STATE_NAMES = ("final", "final.tmp", "best", "best.tmp", "checkpoints", "metrics.jsonl", "ensemble.json")
 WRITTEN_NAMES = STATE_NAMES + ("config.yaml", "preprocessing.json", "tensorboard")
 
 

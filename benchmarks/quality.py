@@ -5,6 +5,8 @@ published results are, plus the fusion ablation and a tf-idf + one-hot logistic-
     python benchmarks/quality.py --run runs/womens_clothing          # score a trained run (RUN/final)
     python benchmarks/quality.py --train                               # train the default config, then score it
     python benchmarks/quality.py --ablation --max-steps 400            # every fusion, same budget each
+    python benchmarks/quality.py --train --members 42,43,44            # train.py --seeds: members + their ensemble
+    python benchmarks/quality.py --run runs/quality/ensemble           # an ensemble folder: each member + the ensemble
 
 Per model, on the test split (2,349 rows):
     best_threshold_f1   positive-class F1 at the threshold that maximises it *on the test set* (as published)
@@ -97,6 +99,29 @@ def score_run(model_dir: str, out: str, nproc: int, plots: bool = False) -> dict
     return test_metrics(*probs["val"], *probs["test"])
 
 
+def score_trained(name: str, model_dir: str, nproc: int, plots: bool = True) -> dict:
+    row = score_run(model_dir, name, nproc, plots=plots)
+    with open(os.path.join(model_dir, "train_summary.json")) as f:
+        row.update(model=f"mmbert {name}", train=json.load(f))
+    return row
+
+
+def score_ensemble(folder: str, nproc: int) -> list[dict]:
+    """A row per member (its final/) and one for the ensemble (evaluate.py --model-dir FOLDER: the mean of the
+    members' probabilities), with the members' summed training time."""
+    with open(os.path.join(folder, "ensemble.json")) as f:
+        members = json.load(f)["members"]
+    rows = []
+    for m in members:
+        model_dir = os.path.join(folder, m["dir"])
+        rows.append(score_trained(os.path.dirname(model_dir), model_dir, nproc, plots=False))
+        print(f"[{common.now()}] member {m['dir']}: " + " ".join(f"{c}={rows[-1][c]:.4f}" for c in COLS), flush=True)
+    row = score_run(folder, os.path.join(folder, "eval_ensemble"), nproc, plots=True)
+    row.update(model=f"mmbert ensemble of {len(members)} ({folder})", seeds=[m.get("seed") for m in members],
+               train_seconds_total=round(sum(r["train"]["seconds"] for r in rows)))
+    return [*rows, row]
+
+
 def train_run(out: str, config: str, sets: list[str], nproc: int, extra: list[str]) -> float:
     args = ["--config", config, "--output-dir", out, "--overwrite", *extra]
     for kv in ["train.progress_bar=false", *sets]:
@@ -182,6 +207,8 @@ def main():
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
     ap.add_argument("--max-steps", type=int, help="ablation budget in optimizer steps (default: the config's epochs)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per ablation arm")
+    ap.add_argument("--members", metavar="S1,S2,...", help="with --train: train.py --seeds (an ensemble), then score "
+                                                          "each member and the ensemble")
     ap.add_argument("--nproc", type=int, default=1, help="processes for train.py / evaluate.py (torchrun when > 1)")
     ap.add_argument("--work-dir", default="runs/quality", help="where trained runs and evaluations go")
     ap.add_argument("--set", action="append", default=[], help="extra train.py --set overrides (every arm)")
@@ -193,14 +220,13 @@ def main():
     if a.run or a.train:
         run = a.run
         if a.train:
-            run = os.path.join(a.work_dir, "default")
-            secs = train_run(run, a.config, a.set, a.nproc, [])
+            run = os.path.join(a.work_dir, "ensemble" if a.members else "default")
+            secs = train_run(run, a.config, a.set, a.nproc, ["--seeds", a.members] if a.members else [])
             print(f"[{common.now()}] trained {run} in {secs:.0f}s", flush=True)
-        row = score_run(os.path.join(run, "final"), run, a.nproc, plots=True)
-        with open(os.path.join(run, "final", "train_summary.json")) as f:
-            summary = json.load(f)
-        row.update(model=f"mmbert {run}", train=summary)
-        rows.append(row)
+        if os.path.isfile(os.path.join(run, "ensemble.json")):
+            rows += score_ensemble(run, a.nproc)
+        else:
+            rows.append(score_trained(run, os.path.join(run, "final"), a.nproc))
     else:
         extra = ["--max-steps", str(a.max_steps)] if a.max_steps else []
         # one evaluation per run at the end: the same budget for every arm, no selection on val

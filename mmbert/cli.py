@@ -238,7 +238,9 @@ def export_command(argv, prog: str = "export.py"):
 def build_predict_parser(prog: str = "mmbert predict") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Score a data file with a trained model directory (PyTorch) or an export "
                                        "folder (onnxruntime), in one process; write one row per input row.")
-    p.add_argument("model", help="a model directory (RUN/final), a finished run (RUN) or an export folder / .onnx")
+    p.add_argument("model", nargs="+", help="a model directory (RUN/final), a finished run (RUN), an export folder / "
+                                            ".onnx, or an ensemble (a folder with ensemble.json, or several model "
+                                            "directories)")
     p.add_argument("--data", required=True, help="data file or folder (CSV/TSV/Parquet/JSONL) with the training columns")
     p.add_argument("--output", required=True, help="predictions file (.tsv or .csv): id (when configured), "
                                                    "probability column(s), pred")
@@ -267,7 +269,8 @@ def predict_command(argv, prog: str = "mmbert predict"):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"{prog}: --output {args.output}: folder {folder} does not exist or is not writable")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    model = load(args.model, trust_remote_code=args.trust_remote_code, device=args.device)
+    model = load(args.model[0] if len(args.model) == 1 else args.model, trust_remote_code=args.trust_remote_code,
+                 device=args.device)
     id_column = model.metadata["id_column"]
     df = load_table(args.data, [id_column] if id_column else [])
     probs = model.predict_proba(df, args.batch_size, as_pandas=False)
@@ -279,7 +282,7 @@ def predict_command(argv, prog: str = "mmbert predict"):
         out[c] = probs[:, 1] if len(names) == 2 else probs[:, j]
     out["pred"] = [names[k] for k in probs.argmax(1)]
     write_tsv(pd.DataFrame(out), args.output)
-    print(f"wrote {len(df)} predictions of {args.model} ({model.backend}) to {args.output}")
+    print(f"wrote {len(df)} predictions of {' '.join(args.model)} ({model.backend}) to {args.output}")
 
 
 # ----------------------------------------------------------------------------- mmbert COMMAND

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli, write_config
+from conftest import ROOT, run_cli, write_config
 
 import mmbert
 from mmbert.errors import ArtifactError, ConfigError
@@ -130,6 +132,11 @@ def test_predictor_averages_the_members(ensemble):
     assert [m["dir"] for m in ens.metadata["ensemble"]] == [str(out / f"seed_{s}" / "final") for s in (1, 2)]
     listed = mmbert.load([str(out / "seed_1" / "final"), str(out / "seed_2")])  # a run folder means its final/
     np.testing.assert_allclose(listed.predict_proba(rows, as_pandas=False), np.mean(each, axis=0), atol=1e-6)
+    rows.to_csv(work / "rows.csv", index=False)
+    subprocess.run([sys.executable, "-m", "mmbert", "predict", str(out), "--data", str(work / "rows.csv"),
+                    "--output", str(work / "rows_pred.tsv")], check=True, capture_output=True, cwd=ROOT)
+    np.testing.assert_allclose(pd.read_csv(work / "rows_pred.tsv", sep="\t")["prob"], np.mean(each, axis=0)[:, 1],
+                               atol=2e-6)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ Outputs (OUT = --output-dir):
     predictions.tsv           all rows once, in input order (rank 0)
     metrics.json              labelled data only (rank 0)
     *.png                     ROC / PR curves and confusion matrix (labelled data), probability histogram
+    importance.json / .png    --importance (labelled data): permutation importance per column (importance.py)
 """
 from __future__ import annotations
 

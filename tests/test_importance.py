@@ -81,6 +81,10 @@ def test_permuted_text_and_serialized_columns_are_encoded_again_consistently(sma
     np.testing.assert_array_equal(z.enc.missing[:, 1], base.enc.missing[perm, 1])
     for ds in (text, ser, cat, z):  # labels and row numbers stay: only the column moves
         assert (ds.enc.labels == base.enc.labels).all() and (ds.enc.rows == base.enc.rows).all()
+    assert [imp.in_text(pre, c) for c in ("note", "x", "z", "colour")] == [True, True, False, False]
+    reused = imp.encode(pre, tok, imp.permute_column(df, "z", perm), "d.csv", tokens_of=base)  # as run_importance
+    assert [tokens(reused, i) for i in range(len(df))] == [tokens(z, i) for i in range(len(df))]
+    np.testing.assert_array_equal(reused.enc.numeric, z.enc.numeric)
 
 
 def test_modality_masks(small):
@@ -96,7 +100,8 @@ def test_modality_masks(small):
     np.testing.assert_allclose(no_tab.enc.numeric, np.tile([(s["median"] - s["mean"]) / s["std"] for s in st],
                                                            (len(df), 1)), rtol=1e-6)
     assert (no_tab.enc.missing == 1).all() and (no_tab.enc.categorical == 0).all()
-    assert (base.enc.categorical > 0).all() and [tokens(no_tab, i) for i in range(3)] == [tokens(base, i) for i in range(3)]
+    assert (base.enc.categorical > 0).all()
+    assert [tokens(no_tab, i) for i in range(len(df))] == [tokens(base, i) for i in range(len(df))]
 
 
 def test_primary_metric():
@@ -108,7 +113,8 @@ def test_primary_metric():
     probs = np.stack([1 - p, p], 1)
     assert imp.primary_metric(y, probs) == ("roc_auc", pytest.approx(roc_auc_score(y, p)), True)
     name, value, higher = imp.primary_metric(np.ones(5, int), probs[:5])  # one class: AUC undefined
-    assert (name, higher) == ("log_loss", False) and value == pytest.approx(log_loss(np.ones(5), probs[:5], labels=[0, 1]))
+    assert (name, higher) == ("log_loss", False)
+    assert value == pytest.approx(log_loss(np.ones(5), probs[:5], labels=[0, 1]))
     three = rng.dirichlet(np.ones(3), 30)
     y3 = np.arange(30) % 3
     assert imp.primary_metric(y3, three) == ("roc_auc", pytest.approx(

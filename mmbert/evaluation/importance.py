@@ -88,16 +88,25 @@ def columns_of(pre) -> list[tuple[str, str]]:
             + [(c, "categorical") for c in pre.categorical_columns])
 
 
-def encode(pre, tokenizer, df: pd.DataFrame, file: str,
-           edit: Optional[Callable[[Encoded], None]] = None) -> TableDataset:
-    """The labelled dataset of `df` (its texts tokenized again), `edit` applied to the encoding first.
-    Unlike build_dataset this logs no data report: the permuted copies would repeat the scored rows' one."""
+def encode(pre, tokenizer, df: pd.DataFrame, file: str, edit: Optional[Callable[[Encoded], None]] = None,
+           tokens_of: Optional[TableDataset] = None) -> TableDataset:
+    """The labelled dataset of `df`, `edit` applied to the encoding first; its texts tokenized again, or the
+    tokens of `tokens_of` taken over (when the change cannot touch the texts). Unlike build_dataset this logs
+    no data report: the permuted copies would repeat the scored rows' one."""
     enc = pre.transform(df, file, with_labels=True)
     if edit is not None:
         edit(enc)
-    chunks, cut = chunk_tokenize(tokenizer, enc.texts, pre.max_tokens, pre.max_chunks)
+    if tokens_of is not None:
+        chunks, cut = tokens_of.chunks, tokens_of.truncated_texts
+    else:
+        chunks, cut = chunk_tokenize(tokenizer, enc.texts, pre.max_tokens, pre.max_chunks)
     enc.texts = []
     return TableDataset(enc, chunks, cut)
+
+
+def in_text(pre, column: str) -> bool:
+    """Whether the column's values are part of the text (a text column, or serialized into it)."""
+    return column in pre.text_columns or column in pre.serialize_columns
 
 
 def mask_text(enc: Encoded):
@@ -155,11 +164,16 @@ class Scoring:
     pre: object
     tokenizer: object
     file: str
+    base: Optional[TableDataset] = None  # the unchanged rows' dataset, once scored: its tokens are reused
 
-    def metric(self, df: pd.DataFrame, edit: Optional[Callable[[Encoded], None]] = None) -> tuple[str, float, bool]:
+    def metric(self, df: pd.DataFrame, edit: Optional[Callable[[Encoded], None]] = None,
+               same_text: bool = False) -> tuple[str, float, bool]:
+        """The metric of `df` (`edit` applied); same_text: its texts are the baseline's (tokens reused)."""
         from .run import check_scores
 
-        ds = encode(self.pre, self.tokenizer, df, self.file, edit)
+        ds = encode(self.pre, self.tokenizer, df, self.file, edit, self.base if same_text else None)
+        if self.base is None:
+            self.base = ds
         _, _, probs = predict(None, ds, self.env.rank, self.env.world_size, self.env.device, self.args.batch_size,
                               pad_id(self.tokenizer), scorer=self.scorer, num_classes=self.pre.num_classes)
         check_scores(probs, ds, self.pre.num_classes, self.pre.classes, self.args.onnx or self.args.model_dir)
@@ -179,16 +193,19 @@ def run_importance(args: argparse.Namespace, env, scorer: Callable, pre, tokeniz
                   scorings, len(df), "" if len(df) == len(sel.df) else f" (a seeded sample of {len(sel.df)})",
                   len(cols), repeats, len(masks))
     s = Scoring(args, env, scorer, pre, tokenizer, sel.file)
+    t1 = time.time()
     metric, baseline, higher = s.metric(df)
-    each = time.time() - t0
+    each = time.time() - t1
     main_log.info("importance: baseline %s %.4f (%.1fs; about %.0fs for the rest)", metric, baseline, each,
                   each * (scorings - 1))
     perms = permutations(len(df), repeats, args.importance_seed)
     drops: dict[str, list[float]] = {}
     for c, _ in cols:
-        drops[c] = [drop(baseline, s.metric(permute_column(df, c, p))[1], higher) for p in perms]
+        drops[c] = [drop(baseline, s.metric(permute_column(df, c, p), same_text=not in_text(pre, c))[1], higher)
+                    for p in perms]
         main_log.info("importance: %s: drop %.4f +- %.4f", c, np.mean(drops[c]), np.std(drops[c]))
-    modality = {name: (side, s.metric(df, edit)[1]) for name, (side, edit) in masks.items()}
+    modality = {name: (side, s.metric(df, edit, same_text=side == "tabular")[1])
+                for name, (side, edit) in masks.items()}
     result = summarize(metric, higher, baseline, drops, dict(cols), list(pre.serialize_columns), modality)
     result.update({"rows": int(len(df)), "rows_selected": int(len(sel.df)), "repeats": repeats,
                    "seed": args.importance_seed, "scorings": scorings, "data": sel.file,

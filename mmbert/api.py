@@ -229,6 +229,7 @@ class EvalResult:
     output_dir: str
     predictions: str  # OUTPUT/predictions.tsv: every row once, in input order
     metrics: dict  # labelled data: what metrics.json holds (empty for a prediction run, and on ranks > 0)
+    importance: Optional[dict] = None  # importance=True: what importance.json holds (None on ranks > 0)
 
 
 def _argv(options: dict) -> list[str]:
@@ -246,8 +247,10 @@ def _argv(options: dict) -> list[str]:
 
 def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, **options) -> EvalResult:
     """evaluate.py as a function: options are its flags by Python name (data=, split="test", indices=,
-    onnx=, id_column=, batch_size=, max_rows=, no_plots=True ...). Returns the files and the metrics."""
+    onnx=, id_column=, batch_size=, max_rows=, no_plots=True, importance=True, importance_rows= ...).
+    Returns the files, the metrics and (importance=True) the permutation importance."""
     from .cli import parse_eval_args
+    from .evaluation.importance import IMPORTANCE_JSON
     from .evaluation.run import PREDICTIONS
     from .evaluation.run import evaluate as run_evaluation
 
@@ -255,7 +258,8 @@ def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, 
         raise ConfigError("mmbert.evaluate: output_dir is required (the prediction files and metrics go there)")
     args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}), "mmbert.evaluate")
     metrics = run_evaluation(args)
-    return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics)
+    importance = _read_json(os.path.join(output_dir, IMPORTANCE_JSON)) if args.importance and metrics else None
+    return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics, importance)
 
 
 def export_onnx(model_dir: str, output: str, **options) -> dict:

@@ -33,6 +33,7 @@ SHORTCUTS = {
     "lr": ("train.lr", float),
 }
 SPLITS = ("train", "val", "test")
+IMPORTANCE_REPEATS, IMPORTANCE_SEED = 3, 0  # evaluate --importance's defaults
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,6 +140,14 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                                        "~/.cache/mmbert/tokenized)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--importance", action="store_true",
+                   help="labelled data: also permutation importance per configured column and the text-only / "
+                        "tabular-only view (importance.json, importance.png); costs 1 + columns x repeats + 2 "
+                        "scorings of the rows")
+    p.add_argument("--importance-repeats", type=int, metavar="R",
+                   help="permutations per column (default 3): the spread over them is reported")
+    p.add_argument("--importance-rows", type=int, metavar="N", help="use a seeded sample of N of the selected rows")
+    p.add_argument("--importance-seed", type=int, help="seed of the permutations and the row sample (default 0)")
     p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")
     p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout in seconds (default 1800)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
@@ -148,10 +157,11 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
 
 def parse_eval_args(argv, prog: str = "evaluate.py") -> argparse.Namespace:
     args = build_eval_parser(prog).parse_args(argv)
-    for name in ("batch_size", "max_rows", "num_threads", "timeout_s"):
+    for name in ("batch_size", "max_rows", "num_threads", "timeout_s", "importance_repeats", "importance_rows"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"{prog}: --{name.replace('_', '-')} must be >= 1, got {v}")
+    check_importance_args(args, prog)
     if not args.model_dir and not args.onnx:
         raise ConfigError(f"{prog}: give --model-dir (a trained model) or --onnx (an exported one)")
     if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
@@ -167,6 +177,17 @@ def set_model_dirs(args: argparse.Namespace):
 
     args.model_dirs = [args.model_dir[0]] if args.onnx else resolve_model_dirs(args.model_dir)
     args.model_dir = args.model_dirs[0]
+
+
+def check_importance_args(args: argparse.Namespace, prog: str):
+    """--importance-* only with --importance (never silently ignored); then their defaults."""
+    given = [n for n in ("importance_repeats", "importance_rows", "importance_seed") if getattr(args, n) is not None]
+    if given and not args.importance:
+        raise ConfigError(f"{prog}: --{given[0].replace('_', '-')} needs --importance")
+    if args.importance_repeats is None:
+        args.importance_repeats = IMPORTANCE_REPEATS
+    if args.importance_seed is None:
+        args.importance_seed = IMPORTANCE_SEED
 
 
 def evaluate_command(argv, prog: str = "evaluate.py"):

@@ -11,6 +11,7 @@ Outputs (OUT = --output-dir):
     predictions.tsv           all rows once, in input order (rank 0)
     metrics.json              labelled data only (rank 0)
     *.png                     ROC / PR curves and confusion matrix (labelled data), probability histogram
+    importance.json / .png    --importance (labelled data): permutation importance per column (importance.py)
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from ..scoring import Scorer, predict, torch_scorer
 from ..serving import OnnxScorer
 from .plots import ALL as PLOT_FILES
 from .plots import write_plots
+from .importance import FILES as IMPORTANCE_FILES
+from .importance import run_importance
 from .rows import Selection, check_data_exists, scored_rows
 
 log = logging.getLogger("mmbert")
@@ -172,7 +175,7 @@ def clear_outputs(out: str):
     """Remove what an earlier run left in OUT (e.g. rank files of a larger world size, or metrics.json
     before a prediction run), so the folder only describes this run."""
     stale = glob.glob(os.path.join(out, RANK_FILE.format("*"))) + [
-        os.path.join(out, f) for f in (PREDICTIONS, METRICS, *PLOT_FILES)]
+        os.path.join(out, f) for f in (PREDICTIONS, METRICS, *PLOT_FILES, *IMPORTANCE_FILES)]
     for f in stale:
         if os.path.isfile(f):
             os.remove(f)
@@ -224,6 +227,8 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
     scorer, pre, tokenizer = scorer_loader(args, env)
     ds, sel, labelled = scored_rows(args, env, pre, tokenizer)
     class_names = pre.class_names
+    if getattr(args, "importance", False) and not labelled:
+        raise ConfigError(f"--importance needs labelled rows: {sel.file} has no label column '{pre.label_column}'")
     if env.is_main:
         clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes
         log.info("%s: %d rows (%s)%s | model %s | %d process%s on %s", sel.file, len(ds), sel.description,
@@ -239,8 +244,16 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
     staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], class_names,
                                                       pre.id_column), rank_file))
     os.replace(staged, rank_file)
-    if not env.is_main:
-        return {}
+    result = write_outputs(args, env, sel, ds, probs, pre, labelled, t0) if env.is_main else {}
+    if getattr(args, "importance", False):  # every rank scores: after the evaluation's files are written
+        run_importance(args, env, scorer, pre, tokenizer)
+    return result
+
+
+def write_outputs(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
+                  pre, labelled: bool, t0: float) -> dict:
+    """Rank 0: predictions.tsv, metrics.json (labelled data), the pictures and the summary on screen."""
+    out, class_names = args.output_dir, pre.class_names
     write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, class_names, pre.id_column),
               os.path.join(out, PREDICTIONS))
     result = write_metrics(args, env, sel, ds, probs, class_names, t0) if labelled else {}

@@ -50,6 +50,9 @@ def test_task_resolution_and_per_task_metric_defaults(tmp_path, tiny_bert):
     ll = load_config(write_config(tmp_path / "l.yaml", tiny_bert, "d.csv", train={"metric": "log_loss",
                                                                                    "metric_mode": "min"}))
     assert (ll.train.metric, ll.train.metric_mode) == ("log_loss", "min")
+    shipped = load_config("womens_clothing_regression")  # the packaged regression config
+    assert task_of(shipped.data) == "regression" and shipped.data.label_column == "Rating"
+    assert "Rating" not in shipped.data.numeric_columns + shipped.data.serialize_columns
 
 
 @pytest.mark.parametrize("data,train,fragments", [

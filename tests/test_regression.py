@@ -298,10 +298,11 @@ def test_train_evaluate_two_ranks_export_onnx_parity(no_dropout_bert, reviews, t
     assert sorted(ranks["row"].tolist()) == list(range(200))  # every row once across the rank files
     assert one["prediction"].std() > 1e-3, "predictions barely vary: the comparisons would prove little"
 
-    r = run_cli(["export.py", "--model-dir", model, "--output", str(tmp_path / "exp")])
+    r = run_cli(["export.py", "--model-dir", model, "--output", str(tmp_path / "exp"), "--quantize", "int8"])
     manifest = json.load(open(tmp_path / "exp" / "onnx_manifest.json"))
     report = manifest["exports"]["model.onnx"]
     assert (report["output"], report["task"]) == ("prediction", "regression") and report["max_abs_diff"] < 1e-4, r.stdout
+    assert report["int8"]["max_abs_drift_vs_fp32"] <= report["int8"]["tolerance"]  # in target standard deviations
     run_cli(["evaluate.py", "--onnx", str(tmp_path / "exp"), "--data", str(data), "--output-dir",
              str(tmp_path / "eo"), "--no-progress", "--no-plots"])
     onnx = pd.read_csv(tmp_path / "eo" / "predictions.tsv", sep="\t")
@@ -314,6 +315,9 @@ def test_train_evaluate_two_ranks_export_onnx_parity(no_dropout_bert, reviews, t
     assert list(served.columns) == ["row", "prediction"]
     np.testing.assert_allclose(served["prediction"], one["prediction"], atol=1e-4)
     assert mmbert.load(str(tmp_path / "exp")).task == "regression"
+    int8 = mmbert.load(str(tmp_path / "exp" / "model.int8.onnx")).predict(pd.read_parquet(data))
+    std = json.load(open(tmp_path / "exp" / "preprocessing.json"))["target_std"]
+    assert np.abs(int8.to_numpy() - one["prediction"].to_numpy()).max() < 0.1 * std
 
 
 @pytest.mark.slow

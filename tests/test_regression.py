@@ -163,6 +163,23 @@ def test_every_fusion_gives_one_output_and_scores_in_original_units(fusion, batc
     torch.testing.assert_close(s, out * 1.1 + 4.2)
 
 
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_loss_is_taken_on_the_standardised_target(tmp_path, tiny_bert, loss):
+    from types import SimpleNamespace
+
+    from mmbert.task import loss_function
+
+    cfg = _cfg(tmp_path, tiny_bert, train={"loss": loss, "huber_delta": 0.5})
+    fn = loss_function(cfg, SimpleNamespace(target_mean=10.0, target_std=2.0))
+    out = torch.tensor([[0.0], [1.0], [-2.0]])
+    y = torch.tensor([10.0, 14.0, 9.0], dtype=torch.float64)  # standardised: 0, 2, -0.5
+    z = torch.tensor([0.0, 2.0, -0.5])
+    want = (((out[:, 0] - z) ** 2).sum() if loss == "mse"
+            else torch.nn.functional.huber_loss(out[:, 0], z, delta=0.5, reduction="sum"))
+    assert fn(out, y).item() == pytest.approx(want.item(), rel=1e-6)
+    assert fn(out, y).item() == pytest.approx(0 + 1 + 2.25 if loss == "mse" else 0 + 0.375 + 0.5 * (1.5 - 0.25), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def test_regression_metrics_against_sklearn_and_scipy():

@@ -332,12 +332,13 @@ def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Calla
     rps32, rps8 = _rows_per_second(fp32, speed_batch), _rows_per_second(q, speed_batch)
     i8 = {"file": os.path.basename(q_path), "quantization": dict(INT8_SETTINGS), "tolerance": tolerance,
           "max_abs_drift_vs_fp32": float(drift.max()), "mean_abs_drift_vs_fp32": float(drift.mean()),
-          "argmax_agreement": agree / len(drift), "predictions": len(drift),
+          "argmax_agreement": agree / len(drift) if p32.shape[1] > 1 else None, "predictions": len(drift),
           "speed_batch": len(speed_batch["numeric"]), "rows_per_s_fp32": round(rps32, 1),
           "rows_per_s_int8": round(rps8, 1), "size_mb_fp32": round(os.path.getsize(fp32_path) / 2**20, 1),
           "size_mb_int8": round(os.path.getsize(q_path) / 2**20, 1)}
+    classes = f"same class on {agree}/{len(drift)}" if p32.shape[1] > 1 else f"{len(drift)}"  # regression: 1 column
     say(f"int8: max |dp| vs fp32 {i8['max_abs_drift_vs_fp32']:.2e} (mean {i8['mean_abs_drift_vs_fp32']:.2e}, "
-        f"tolerance {tolerance:g}), same class on {agree}/{len(drift)} predictions; {rps32:.0f} -> {rps8:.0f} rows/s "
+        f"tolerance {tolerance:g}), {classes} predictions; {rps32:.0f} -> {rps8:.0f} rows/s "
         f"at batch {i8['speed_batch']}; {i8['size_mb_fp32']} -> {i8['size_mb_int8']} MB")
     return i8
 

@@ -63,7 +63,7 @@ def main(argv=None):
     from mmbert.data.io import load_table, read_indices
     from mmbert.data.pipeline import build_dataset
     from mmbert.export.onnx import export_onnx
-    from mmbert.scoring import batch_probabilities
+    from mmbert.scoring import batch_scores
     from mmbert.serving import OnnxScorer
 
     torch.set_num_threads(a.threads)
@@ -87,7 +87,7 @@ def main(argv=None):
 
     @torch.inference_mode()
     def torch_proba(b):
-        return batch_probabilities(model, b)
+        return batch_scores(model, b)
 
     run = {"pytorch eager": torch_proba, **{k: v.predict_proba for k, v in engines.items()}}
     results = []

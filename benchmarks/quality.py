@@ -7,6 +7,8 @@ published results are, plus the fusion ablation and a tf-idf + one-hot logistic-
     python benchmarks/quality.py --ablation --max-steps 400            # every fusion, same budget each
     python benchmarks/quality.py --train --members 42,43,44            # train.py --seeds: members + their ensemble
     python benchmarks/quality.py --run runs/quality/ensemble           # an ensemble folder: each member + the ensemble
+    python benchmarks/quality.py --regression                          # regression baselines only (seconds)
+    python benchmarks/quality.py --regression --run runs/womens_clothing_regression   # + a trained run
 
 Per model, on the test split (2,349 rows):
     best_threshold_f1   positive-class F1 at the threshold that maximises it *on the test set* (as published)
@@ -15,6 +17,10 @@ Per model, on the test split (2,349 rows):
     roc_auc, pr_auc, mcc, accuracy, log_loss
 Scoring goes through evaluate.py (the same code users run), on the val and test splits recorded in the
 run's config.yaml. Writes JSON (default benchmarks/results/quality.json or ablation.json).
+
+--regression (config default configs/womens_clothing_regression.yaml): RMSE, MAE, R^2 and Spearman on the test
+split of a trained run (--run / --train) and of two baselines: the train mean, and tf-idf + one-hot +
+standardised numerics -> Ridge with alpha chosen on val (default output benchmarks/results/regression.json).
 """
 from __future__ import annotations
 
@@ -132,13 +138,12 @@ def train_run(out: str, config: str, sets: list[str], nproc: int, extra: list[st
     return time.time() - t0
 
 
-def tfidf_control(config: str, seed: int = 0) -> dict:
-    """tf-idf (word 1-2 grams) of the text columns + one-hot categoricals + standardised numerics ->
-    logistic regression, C chosen on val. The same split and columns as the config."""
+def linear_features(config: str):
+    """(data config, splits, X_train, X_val, X_test): tf-idf (word 1-2 grams) of the text columns + one-hot
+    categoricals + standardised numerics (train medians for missing values), fitted on train. The same split
+    and columns as the config."""
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     from mmbert.config import load_config
@@ -146,13 +151,9 @@ def tfidf_control(config: str, seed: int = 0) -> dict:
 
     dc = load_config(config, []).data
     splits = load_splits(dc)
-    t0 = time.time()
 
     def text(df):
         return df[dc.text_columns].fillna("").astype(str).agg(" . ".join, axis=1).tolist()
-
-    def labels(df):
-        return df[dc.label_column].astype(int).to_numpy()
 
     tr = splits["train"].df
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
@@ -169,8 +170,21 @@ def tfidf_control(config: str, seed: int = 0) -> dict:
         return sp.hstack([tfidf.transform(text(df)), onehot.transform(cat),
                           sp.csr_matrix(scaler.transform(num))]).tocsr()
 
-    Xtr, Xva, Xte = features(tr, fit=True), features(splits["val"].df), features(splits["test"].df)
-    ytr, yva, yte = labels(tr), labels(splits["val"].df), labels(splits["test"].df)
+    return dc, splits, features(tr, fit=True), features(splits["val"].df), features(splits["test"].df)
+
+
+def tfidf_control(config: str, seed: int = 0) -> dict:
+    """linear_features -> logistic regression, C chosen on val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    t0 = time.time()
+    dc, splits, Xtr, Xva, Xte = linear_features(config)
+
+    def labels(df):
+        return df[dc.label_column].astype(int).to_numpy()
+
+    ytr, yva, yte = labels(splits["train"].df), labels(splits["val"].df), labels(splits["test"].df)
     best = None
     for C in (1.0, 4.0, 16.0):
         clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(Xtr, ytr)
@@ -183,15 +197,55 @@ def tfidf_control(config: str, seed: int = 0) -> dict:
     return row
 
 
+def regression_baselines(config: str) -> list[dict]:
+    """Test-split rows of the train-mean predictor and of linear_features -> Ridge (alpha chosen on val RMSE),
+    scored by the metric code training and evaluate.py use."""
+    from sklearn.linear_model import Ridge
+
+    from mmbert.metrics import compute_regression_metrics
+
+    t0 = time.time()
+    dc, splits, Xtr, Xva, Xte = linear_features(config)
+    ytr, yva, yte = (splits[k].df[dc.label_column].astype(float).to_numpy() for k in ("train", "val", "test"))
+    rows = [{"model": "mean predictor (train mean)",
+             **compute_regression_metrics(yte, np.full(len(yte), ytr.mean()))}]
+    best = None
+    for alpha in (0.3, 1.0, 3.0, 10.0, 30.0):
+        reg = Ridge(alpha=alpha).fit(Xtr, ytr)
+        rmse = compute_regression_metrics(yva, reg.predict(Xva))["rmse"]
+        if best is None or rmse < best[0]:
+            best = (rmse, alpha, reg)
+    rmse_val, alpha, reg = best
+    rows.append({"model": f"tf-idf + one-hot + numerics Ridge (alpha={alpha:g} on val)",
+                 **compute_regression_metrics(yte, reg.predict(Xte)), "val_rmse": rmse_val,
+                 "seconds": round(time.time() - t0, 1)})
+    return rows
+
+
+def score_regression_run(run: str, nproc: int) -> dict:
+    """evaluate.py on the run's test split -> its regression metrics."""
+    d = os.path.join(run, "eval_test")
+    args = ["--model-dir", os.path.join(run, "final"), "--split", "test", "--output-dir", d, "--no-progress"]
+    common.run_checked(common.script_cmd(nproc, "evaluate.py", args), f"evaluate.py on {run} --split test")
+    with open(os.path.join(d, "metrics.json")) as f:
+        m = json.load(f)
+    if "rmse" not in m:
+        raise SystemExit(f"{run}: not a regression model (no rmse in {d}/metrics.json)")
+    return {"model": f"mmbert {run}", **{k: m[k] for k in ("n", "rmse", "mae", "mse", "r2", "spearman")}}
+
+
 COLS = ("best_threshold_f1", "val_threshold_f1", "argmax_f1", "roc_auc", "pr_auc", "mcc")
 
 
-def print_table(rows: list[dict]):
+REGRESSION_COLS = ("rmse", "mae", "r2", "spearman")
+
+
+def print_table(rows: list[dict], cols: tuple = COLS):
     w = max(len(r["model"]) for r in rows) + 2
-    print(f"{'model':<{w}}" + "".join(f"{c:>18}" for c in COLS))
+    print(f"{'model':<{w}}" + "".join(f"{c:>18}" for c in cols))
     for r in rows:
         cells = []
-        for c in COLS:
+        for c in cols:
             v, sd = r.get(c), r.get(f"{c}_sd")
             cells.append(f"{'':>18}" if v is None else f"{v:>12.4f}" + (f" ±{sd:.3f}" if sd else " " * 6))
         print(f"{r['model']:<{w}}" + "".join(cells))
@@ -199,11 +253,13 @@ def print_table(rows: list[dict]):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = ap.add_mutually_exclusive_group(required=True)
+    what = ap.add_mutually_exclusive_group()
     what.add_argument("--run", help="a finished training output dir (its final/ is scored)")
     what.add_argument("--train", action="store_true", help="train the config as it is, then score it")
     what.add_argument("--ablation", action="store_true", help="train and score every arm with the same budget")
-    ap.add_argument("--config", default="configs/womens_clothing.yaml")
+    ap.add_argument("--config", help="default configs/womens_clothing.yaml (--regression: "
+                                      "configs/womens_clothing_regression.yaml)")
+    ap.add_argument("--regression", action="store_true", help="regression metrics and baselines (mean, Ridge)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)}")
     ap.add_argument("--max-steps", type=int, help="ablation budget in optimizer steps (default: the config's epochs)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per ablation arm")
@@ -216,6 +272,11 @@ def main():
     ap.add_argument("--out", help="JSON to write (default benchmarks/results/quality.json or ablation.json)")
     a = ap.parse_args()
     os.chdir(common.ROOT)
+    if a.regression:
+        return regression_main(a)
+    if not (a.run or a.train or a.ablation):
+        ap.error("one of the arguments --run --train --ablation is required (or --regression)")
+    a.config = a.config or "configs/womens_clothing.yaml"
     rows = []
     if a.run or a.train:
         run = a.run
@@ -257,6 +318,29 @@ def main():
     print()
     print_table(rows)
     out = a.out or os.path.join(common.ROOT, "benchmarks", "results", "ablation.json" if a.ablation else "quality.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)
+    print("wrote", out)
+
+
+def regression_main(a):
+    """--regression: the trained run's row (with --run / --train), then the baselines."""
+    if a.ablation:
+        raise SystemExit("--regression takes --run or --train (or neither: the baselines only), not --ablation")
+    a.config = a.config or "configs/womens_clothing_regression.yaml"
+    rows = []
+    run = a.run
+    if a.train:
+        run = os.path.join(a.work_dir, "regression")
+        secs = train_run(run, a.config, a.set, a.nproc, [])
+        print(f"[{common.now()}] trained {run} in {secs:.0f}s", flush=True)
+    if run:
+        rows.append(score_regression_run(run, a.nproc))
+    rows += regression_baselines(a.config)
+    print()
+    print_table(rows, REGRESSION_COLS)
+    out = a.out or os.path.join(common.ROOT, "benchmarks", "results", "regression.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)

@@ -3,8 +3,9 @@
     import mmbert
     run = mmbert.train("configs/womens_clothing.yaml", output_dir="runs/api", max_steps=50)
     model = mmbert.load(run.model_dir)              # or an export folder: scored by onnxruntime
-    model.predict(df)                               # labels in the training data's own values
-    model.predict_proba(df)                         # one column per class
+    model.predict(df)                               # labels in the training data's own values (regression:
+                                                    # the predicted target, in its own units)
+    model.predict_proba(df)                         # one column per class (classifiers only)
 
 Loading reads JSON, YAML (safe_load), safetensors and ONNX only: no pickle, and no remote code unless the
 caller passes trust_remote_code.
@@ -32,16 +33,27 @@ class Predictor:
 
     @property
     def classes(self) -> list:
-        """The label values in the model's class order, as in the training data (e.g. [0, 1] or ['neg', 'pos'])."""
+        """The label values in the model's class order, as in the training data (e.g. [0, 1] or ['neg', 'pos']);
+        [] for a regression model."""
         return list(self._pre.classes)
+
+    @property
+    def task(self) -> str:
+        """classification or regression."""
+        return self._pre.task
+
+    @property
+    def preprocessor(self):
+        """The fitted preprocessing the model was trained with (preprocessing.json)."""
+        return self._pre
 
     @property
     def backend(self) -> str:
         return self.metadata["backend"]
 
-    def predict_proba(self, rows, batch_size: int = 32, as_pandas: bool = True):
-        """Probabilities: a DataFrame with one column per class (`classes`) and the rows' index, or with
-        as_pandas=False a float32 array of shape (rows, classes)."""
+    def scores(self, rows, batch_size: int = 32) -> np.ndarray:
+        """The model's scores of the rows as a float32 array: (rows, classes) probabilities, or for a regression
+        (rows, 1) predictions in the target's original units."""
         from .data.pipeline import build_dataset
         from .data.tokenize import pad_id
         from .serving import score_dataset
@@ -49,31 +61,45 @@ class Predictor:
         df = _frame(rows)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        k = self._pre.num_outputs
         if len(df) == 0:
-            probs = np.zeros((0, len(self.classes)), np.float32)
-        else:
-            pre = self._pre
-            if pre.id_column and pre.id_column not in df.columns:  # ids label outputs; scoring needs none
-                pre = dataclasses.replace(pre, id_column=None)
-            # positions 0..n-1 (preprocessing numbers rows by the index); the caller's index labels the output
-            ds = build_dataset(pre, self._tokenizer, df.reset_index(drop=True), "<rows>", with_labels=False,
-                               name="predict")
-            probs = score_dataset(self._score, ds, pad_id(self._tokenizer), len(self.classes), batch_size)
+            return np.zeros((0, k), np.float32)
+        pre = self._pre
+        if pre.id_column and pre.id_column not in df.columns:  # ids label outputs; scoring needs none
+            pre = dataclasses.replace(pre, id_column=None)
+        # positions 0..n-1 (preprocessing numbers rows by the index); the caller's index labels the output
+        ds = build_dataset(pre, self._tokenizer, df.reset_index(drop=True), "<rows>", with_labels=False,
+                           name="predict")
+        return score_dataset(self._score, ds, pad_id(self._tokenizer), k, batch_size)
+
+    def predict_proba(self, rows, batch_size: int = 32, as_pandas: bool = True):
+        """Probabilities: a DataFrame with one column per class (`classes`) and the rows' index, or with
+        as_pandas=False a float32 array of shape (rows, classes). Classifiers only."""
+        if self.task == "regression":
+            raise ConfigError(f"{self.metadata['path']} is a regression model: it has no class probabilities "
+                              f"(predict() gives the predicted '{self._pre.label_column}')")
+        df = _frame(rows)
+        probs = self.scores(df, batch_size)
         return pd.DataFrame(probs, index=df.index, columns=self.classes) if as_pandas else probs
 
     def predict(self, rows, batch_size: int = 32, as_pandas: bool = True):
-        """The most probable class of each row, in the label's original values (a Series named after the
-        label column, with the rows' index; an array with as_pandas=False)."""
+        """The most probable class of each row, in the label's original values, or a regression's predicted
+        target in its original units (a Series named after the label column, with the rows' index; an array
+        with as_pandas=False)."""
         df = _frame(rows)
-        probs = self.predict_proba(df, batch_size, as_pandas=False)
-        values = np.asarray(self.classes)[probs.argmax(1)]  # ints stay ints, strings strings
+        scores = self.scores(df, batch_size)
+        if self.task == "regression":
+            values = scores[:, 0]
+        else:
+            values = np.asarray(self.classes)[scores.argmax(1)]  # ints stay ints, strings strings
         if as_pandas:
             return pd.Series(values, index=df.index, name=self._pre.label_column)
         return values
 
     def __repr__(self):
         m = self.metadata
-        return f"Predictor({m['path']!r}, backend={m['backend']}, fusion={m['fusion']}, classes={self.classes})"
+        what = "task=regression" if self.task == "regression" else f"classes={self.classes}"
+        return f"Predictor({m['path']!r}, backend={m['backend']}, fusion={m['fusion']}, {what})"
 
 
 def _frame(rows) -> pd.DataFrame:
@@ -90,7 +116,8 @@ def _frame(rows) -> pd.DataFrame:
 
 def _metadata(path: str, backend: str, spec: dict, pre, extra: Optional[dict] = None) -> dict:
     return {"path": path, "backend": backend, "fusion": spec.get("fusion"), "encoder": spec.get("encoder"),
-            "label_column": pre.label_column, "classes": list(pre.classes), "id_column": pre.id_column,
+            "task": pre.task, "label_column": pre.label_column, "classes": list(pre.classes),
+            "target_mean": pre.target_mean, "target_std": pre.target_std, "id_column": pre.id_column,
             "text_columns": list(pre.text_columns), "numeric_columns": list(pre.numeric_columns),
             "categorical_columns": list(pre.categorical_columns), "max_tokens": pre.max_tokens,
             "max_chunks": pre.max_chunks, **(extra or {})}
@@ -111,12 +138,15 @@ def _load_export(path: str, threads: Optional[int]) -> Predictor:
     from .serving import OnnxScorer
 
     s = OnnxScorer(path, threads=threads)
+    if s.task != s.preprocessor.task:
+        raise ArtifactError(f"{s.path}: the graph's output '{s.output}' is a {s.task} model's but preprocessing.json "
+                            f"beside it is a {s.preprocessor.task}'s")
     spec = _read_json(os.path.join(s.folder, "model_spec.json")) or {}
     exports = s.manifest.get("exports", {})  # keyed by the fp32 file; an int8 copy's report sits inside it
     export = exports.get(os.path.basename(s.path)) or next(iter(exports.values()), {})
     meta = _metadata(s.path, "onnxruntime", spec, s.preprocessor,
                      {"precision": "int8" if s.path.endswith(".int8.onnx") else "fp32", "export": export})
-    return Predictor(s.predict_proba, s.preprocessor, s.tokenizer, meta)
+    return Predictor(s.scores, s.preprocessor, s.tokenizer, meta)
 
 
 def _load_model_dir(path, trust_remote_code: bool, device: Optional[str]) -> Predictor:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from .config import FUSIONS, POOLINGS, Config, config_from_dict
 from .data.preprocess import Preprocessor, is_int
 from .errors import ArtifactError, ConfigError, read_json_object
+from .task import CLASSIFICATION, REGRESSION
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
 from .models.text_encoder import position_limit
 
@@ -113,9 +115,19 @@ SPEC_FIELDS = {
     "num_numeric": (lambda v: is_int(v, 0), "an integer >= 0"),
     "cardinalities": (lambda v: isinstance(v, list) and all(is_int(n, 0) for n in v), "a list of integers >= 0"),
     "cat_embedding_dim": (lambda v: is_int(v, 1), "an integer >= 1"),
-    "num_classes": (lambda v: is_int(v, 2), "an integer >= 2"),
+    "num_classes": (lambda v: is_int(v, 1), "an integer >= 1"),
     "encoder": (lambda v: isinstance(v, str), "a string"),
 }
+# fields a model_spec.json written before regression existed does not have (it is a classifier)
+OPTIONAL_SPEC_FIELDS = {
+    "task": (lambda v: v in (CLASSIFICATION, REGRESSION), f"'{CLASSIFICATION}' or '{REGRESSION}'"),
+    "target_mean": (lambda v: v is None or _finite(v), "a finite number or null"),
+    "target_std": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or null"),
+}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_spec(model_dir: str) -> ModelSpec:
@@ -123,10 +135,11 @@ def read_spec(model_dir: str) -> ModelSpec:
     spec_path = os.path.join(model_dir, SPEC)
     hint = " (a finished run's model is its final/ folder)" if os.path.isdir(os.path.join(model_dir, "final")) else ""
     raw = read_json_object(spec_path, f"{model_dir} is not an mmbert model directory: {SPEC} is missing{hint}")
-    if sorted(raw) != sorted(SPEC_FIELDS):
-        raise ArtifactError(f"{spec_path} is corrupted: expected the fields {', '.join(SPEC_FIELDS)}")
-    for name, (ok, want) in SPEC_FIELDS.items():
-        if not ok(raw[name]):
+    if not set(SPEC_FIELDS) <= set(raw) <= set(SPEC_FIELDS) | set(OPTIONAL_SPEC_FIELDS):
+        raise ArtifactError(f"{spec_path} is corrupted: expected the fields {', '.join(SPEC_FIELDS)} (and "
+                            f"{', '.join(OPTIONAL_SPEC_FIELDS)})")
+    for name, (ok, want) in {**SPEC_FIELDS, **OPTIONAL_SPEC_FIELDS}.items():
+        if name in raw and not ok(raw[name]):
             raise ArtifactError(f"{spec_path}: field '{name}' must be {want}, got {raw[name]!r:.80}")
     if raw["hidden_dim"] % raw["num_heads"]:
         raise ArtifactError(f"{spec_path}: field 'num_heads' ({raw['num_heads']}) must divide hidden_dim "
@@ -135,8 +148,9 @@ def read_spec(model_dir: str) -> ModelSpec:
 
 
 def check_spec_against_preprocessing(spec: ModelSpec, pre: Preprocessor, model_dir: str):
-    implied = {"num_numeric": len(pre.numeric_columns), "num_classes": pre.num_classes,
-               "cardinalities": [len(pre.vocabularies[c]) for c in pre.categorical_columns]}
+    implied = {"num_numeric": len(pre.numeric_columns), "num_classes": pre.num_outputs,
+               "cardinalities": [len(pre.vocabularies[c]) for c in pre.categorical_columns], "task": pre.task,
+               "target_mean": pre.target_mean, "target_std": pre.target_std}
     for name, value in implied.items():
         if getattr(spec, name) != value:
             raise ArtifactError(f"{os.path.join(model_dir, SPEC)}: field '{name}' is {getattr(spec, name)!r:.80} but "

@@ -73,7 +73,8 @@ def model_spec(cfg: Config, pre: Preprocessor) -> ModelSpec:
     return ModelSpec(fusion=effective_fusion(mc.fusion, has_tab), hidden_dim=mc.hidden_dim, num_heads=mc.num_heads,
                      dropout=mc.dropout, pooling=mc.pooling, num_numeric=len(pre.numeric_columns),
                      cardinalities=[len(pre.vocabularies[c]) for c in pre.categorical_columns],
-                     cat_embedding_dim=mc.cat_embedding_dim, num_classes=pre.num_classes, encoder=mc.encoder)
+                     cat_embedding_dim=mc.cat_embedding_dim, num_classes=pre.num_outputs, encoder=mc.encoder,
+                     task=pre.task, target_mean=pre.target_mean, target_std=pre.target_std)
 
 
 def build_run_model(cfg: Config, spec: ModelSpec, pretrained: bool = True) -> MultimodalClassifier:

@@ -264,7 +264,7 @@ def build_predict_parser(prog: str = "mmbert predict") -> argparse.ArgumentParse
                                             "directories)")
     p.add_argument("--data", required=True, help="data file or folder (CSV/TSV/Parquet/JSONL) with the training columns")
     p.add_argument("--output", required=True, help="predictions file (.tsv or .csv): id (when configured), "
-                                                   "probability column(s), pred")
+                                                   "probability column(s) and pred, or a regression's prediction")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     p.add_argument("--device", help="PyTorch device for a model directory (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
@@ -279,7 +279,7 @@ def predict_command(argv, prog: str = "mmbert predict"):
 
     from .api import load
     from .data.io import load_table
-    from .evaluation.run import prob_columns, write_tsv
+    from .evaluation.run import score_columns, write_tsv
 
     args = build_predict_parser(prog).parse_args(argv)
     if args.batch_size < 1:
@@ -294,14 +294,11 @@ def predict_command(argv, prog: str = "mmbert predict"):
                  device=args.device)
     id_column = model.metadata["id_column"]
     df = load_table(args.data, [id_column] if id_column else [])
-    probs = model.predict_proba(df, args.batch_size, as_pandas=False)
-    names = [str(c) for c in model.classes]
+    scores = model.scores(df, args.batch_size)
     out = {"row": range(len(df))}
     if id_column and id_column in df.columns:
         out[id_column] = df[id_column].to_numpy()
-    for j, c in enumerate(prob_columns(names)):
-        out[c] = probs[:, 1] if len(names) == 2 else probs[:, j]
-    out["pred"] = [names[k] for k in probs.argmax(1)]
+    out.update(score_columns(model.preprocessor, scores))
     write_tsv(pd.DataFrame(out), args.output)
     print(f"wrote {len(df)} predictions of {' '.join(args.model)} ({model.backend}) to {args.output}")
 

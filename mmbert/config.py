@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
+from .task import validate_task
 
 FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
 STRATEGIES = ("fsdp", "ddp", "none")
@@ -41,8 +42,11 @@ class DataConfig:
     numeric_columns: list[str] = field(default_factory=list)
     categorical_columns: list[str] = field(default_factory=list)
     label_column: Optional[str] = None
-    # auto: one-hot when the column holds lists, else the sorted distinct values of the train split.
-    label_type: Literal["auto", "int", "string", "onehot"] = "auto"
+    # auto: classification, unless label_type is float (mmbert/task.py)
+    task: Literal["auto", "classification", "regression"] = "auto"
+    # auto: one-hot when the column holds lists, else the sorted distinct values of the train split; float: a
+    # regression target (standardised with the train split's mean and std).
+    label_type: Literal["auto", "int", "string", "onehot", "float"] = "auto"
     # The label map, pinned and in order (binary: the second is the positive class). Without it the map is
     # every distinct train label; with it a train label outside the list stops training, naming the row.
     labels: Optional[list[int | str]] = None
@@ -97,10 +101,14 @@ class TrainConfig:
     warmup_steps: Optional[int] = None
     max_grad_norm: Optional[float] = 1.0
     class_weights: Optional[list[float]] = None
+    # auto: cross_entropy for classification, mse for regression (on the standardised target)
+    loss: Literal["auto", "cross_entropy", "mse", "huber"] = "auto"
+    huber_delta: float = 1.0  # in standard deviations of the train target
     eval_every: Optional[int] = None  # steps; evaluation also runs at the end of each epoch
     eval_each_epoch: bool = True
-    metric: str = "roc_auc"
-    metric_mode: Literal["max", "min"] = "max"
+    # null: roc_auc (classification) / rmse (regression); mode null: max (classification) / the metric's direction
+    metric: Optional[str] = None
+    metric_mode: Optional[Literal["max", "min"]] = None
     early_stopping_patience: Optional[int] = None  # evaluations without improvement
     select_best: bool = True  # final/ holds the best evaluated weights
     log_every: int = 10
@@ -370,6 +378,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     if not d.label_column:
         raise ConfigError("config key 'data.label_column' is required for training")
+    validate_task(cfg)
     if d.labels is not None:
         if len(d.labels) < 2 or len({str(v) for v in d.labels}) != len(d.labels):
             raise ConfigError(f"config key 'data.labels' must list at least 2 distinct classes, got {d.labels}")

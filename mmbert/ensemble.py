@@ -1,7 +1,7 @@
 """Ensembles: several trained model directories that share one preprocessing contract, scored as one model
 whose probabilities are the mean of the members' probabilities.
 
-An ensemble is named by a list of model directories, or by a folder holding `ensemble.json` (written by
+For a regression the members' predictions are averaged. An ensemble is named by a list of model directories, or by a folder holding `ensemble.json` (written by
 `train.py --seeds`, members relative to that folder):
 
     {"format": 1, "combine": "mean_probability", "members": [{"dir": "seed_42/final", "seed": 42}, ...]}
@@ -25,13 +25,16 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, read_json_object
+from .task import REGRESSION
 
 ENSEMBLE_FILE = "ensemble.json"
 COMBINE = "mean_probability"
 
 
 class EnsembleModel(nn.Module):
-    """Members' logits -> log of the mean of their softmax probabilities (B x K)."""
+    """Members' logits -> log of the mean of their softmax probabilities (B x K); for a regression the mean
+    of the members' standardised outputs (the members share the target's statistics, so the scores, undone
+    as output * std + mean, are the mean of the members' predictions)."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
@@ -52,8 +55,10 @@ class EnsembleModel(nn.Module):
                 # the export wrapper's fact (fewer real chunks than slots) restated for each member's encoder:
                 # torch.export does not carry it past the first member's data-dependent branch
                 torch._check(chunk_index.numel() < input_ids.shape[0] * input_ids.shape[1])
-            logits = m(input_ids, attention_mask, numeric, missing, categorical, chunk_index)
-            logp.append(torch.log_softmax(logits.float(), dim=-1))
+            logits = m(input_ids, attention_mask, numeric, missing, categorical, chunk_index).float()
+            logp.append(logits if self.spec.task == REGRESSION else torch.log_softmax(logits, dim=-1))
+        if self.spec.task == REGRESSION:
+            return torch.stack(logp).mean(dim=0)
         return torch.logsumexp(torch.stack(logp), dim=0) - math.log(len(self.members))
 
 
@@ -157,8 +162,9 @@ def contract_difference(first, other) -> Optional[str]:
         return f"its preprocessing.json differs in {', '.join(keys[:4])}"
     if tokenizer_digest(first.path) != tokenizer_digest(other.path):
         return "its tokenizer/ files differ"
-    if first.spec.num_classes != other.spec.num_classes:
-        return f"it has {other.spec.num_classes} outputs, not {first.spec.num_classes}"
+    for key in ("task", "num_classes", "target_mean", "target_std"):
+        if getattr(first.spec, key) != getattr(other.spec, key):
+            return f"its model_spec.json has {key} {getattr(other.spec, key)!r}, not {getattr(first.spec, key)!r}"
     return None
 
 

@@ -1,4 +1,5 @@
-"""Classification metrics with scikit-learn: one implementation for validation in train.py and evaluate.py."""
+"""Classification and regression metrics: one implementation for validation in train.py and evaluate.py, and
+one dispatch point between them (task_metrics)."""
 from __future__ import annotations
 
 import warnings
@@ -70,6 +71,31 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     return out
 
 
+def compute_regression_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    """RMSE, MAE, MSE, R^2 and Spearman's rank correlation of predictions (original units) against targets;
+    None where undefined (R^2 of a constant target, Spearman of a constant side), never NaN."""
+    from scipy.stats import spearmanr
+    from sklearn import metrics as M
+
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    p = np.asarray(predictions, dtype=np.float64).reshape(-1)
+    mse = float(M.mean_squared_error(y, p))
+    out: dict = {"n": int(len(y)), "rmse": float(np.sqrt(mse)), "mae": float(M.mean_absolute_error(y, p)), "mse": mse}
+    out["r2"] = _safe(M.r2_score, y, p) if len(y) > 1 and np.ptp(y) > 0 else None
+    out["spearman"] = (_safe(lambda a, b: spearmanr(a, b).statistic, y, p)
+                       if len(y) > 1 and np.ptp(y) > 0 and np.ptp(p) > 0 else None)
+    out["label_mean"], out["prediction_mean"] = float(y.mean()), float(p.mean())
+    return out
+
+
+def task_metrics(labels: np.ndarray, scores: np.ndarray, pre) -> dict:
+    """The metrics of the preprocessing's task: `scores` as the scorer returns them (B x K probabilities, or the
+    B x 1 regression prediction in original units)."""
+    if pre.task == "regression":
+        return compute_regression_metrics(labels, scores[:, 0])
+    return compute_metrics(labels, scores, pre.class_names)
+
+
 def per_class_report(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
     """Per class: support, precision, recall, F1 (argmax predictions). For evaluation reports."""
     from sklearn.metrics import precision_recall_fscore_support
@@ -82,7 +108,7 @@ def per_class_report(labels: np.ndarray, probs: np.ndarray, class_names: list[st
             for j, c in enumerate(class_names)}
 
 
-SUMMARY_KEYS = ("n", "accuracy", "f1", "f1_macro", "f1_micro", "precision", "precision_macro", "recall",
+SUMMARY_KEYS = ("n", "rmse", "mae", "r2", "spearman", "accuracy", "f1", "f1_macro", "f1_micro", "precision", "precision_macro", "recall",
                 "recall_macro", "roc_auc", "pr_auc", "mcc", "log_loss", "best_threshold_f1", "best_threshold")
 
 

@@ -1,7 +1,8 @@
 """Score a dataset on every rank (same number of batches everywhere) and gather each row once.
 
-Scoring is pluggable: a *scorer* is any callable `batch -> probabilities` (B x K, numpy or tensor) that
-takes the host (CPU) batch of `collate`. `torch_scorer` wraps a PyTorch model (plain, DDP or FSDP);
+Scoring is pluggable: a *scorer* is any callable `batch -> scores` (B x K, numpy or tensor: class
+probabilities, or for a regression the B x 1 prediction in original units) that takes the host (CPU) batch of
+`collate`. `torch_scorer` wraps a PyTorch model (plain, DDP or FSDP);
 an ONNX Runtime session can be wrapped the same way and passed to `predict(..., scorer=...)`.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from .data.dataset import TableDataset, collate, move_batch
 from .data.samplers import eval_shard
 from .distributed.gather import gather_rows
-from .models.classifier import batch_inputs, probabilities
+from .distributed.parallel import unwrap
+from .models.classifier import batch_inputs, scores
 
 Scorer = Callable[[dict], "np.ndarray | torch.Tensor"]
 
@@ -24,24 +26,23 @@ def run_model(model, batch: dict) -> torch.Tensor:
     return model(*batch_inputs(batch))
 
 
-def batch_probabilities(model, batch: dict, device: Optional[torch.device] = None) -> np.ndarray:
-    """The one "model on a batch -> probabilities": softmax in float32, as numpy; the batch moved to `device`
-    first when given."""
+def batch_scores(model, batch: dict, device: Optional[torch.device] = None) -> np.ndarray:
+    """The one "model on a batch -> scores" (models.classifier.scores: softmax probabilities, or a regression's
+    prediction in original units) in float32, as numpy; the batch moved to `device` first when given."""
     with torch.no_grad():
-        logits = run_model(model, move_batch(batch, device) if device is not None else batch)
-    return probabilities(logits).cpu().numpy()
+        outputs = run_model(model, move_batch(batch, device) if device is not None else batch)
+    return scores(outputs, unwrap(model).spec).cpu().numpy()
 
 
 def torch_scorer(model, device: torch.device) -> Scorer:
-    """batch (on the host) -> softmax probabilities as float32 numpy, computed on `device`."""
-    return lambda batch: batch_probabilities(model, batch, device)
+    """batch (on the host) -> scores as float32 numpy, computed on `device`."""
+    return lambda batch: batch_scores(model, batch, device)
 
 
 def predict(model, ds: TableDataset, rank: int, world: int, device: torch.device, batch_size: int, pad_id: int,
             progress: bool = False, scorer: Optional[Scorer] = None,
             num_classes: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (positions of this rank's own rows, their probabilities, all-rank merged probabilities by
-    position 0..n-1). The merged array has exactly len(ds) rows: the sampler's padding repeats are dropped.
+    """Returns (positions of this rank's own rows, their scores, all-rank merged scores by position 0..n-1). The merged array has exactly len(ds) rows: the sampler's padding repeats are dropped.
     With `scorer` given, `model` may be None (e.g. ONNX Runtime scoring)."""
     was_training = model is not None and model.training
     if model is not None:

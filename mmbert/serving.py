@@ -3,14 +3,18 @@ no torch). Used by `evaluate.py --onnx`, `mmbert.load(export_folder)` and `mmber
 
 An export folder (written by export.py) holds the ONNX file(s) and what serving raw rows needs:
 preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, graph inputs,
-verification report). The graph maps collated tensors to class probabilities:
+verification report). The graph maps collated tensors to scores, named by the model's task:
 
     input_ids       int64   batch x chunks x tokens     (absent for tab_only)
     attention_mask  int64   batch x chunks x tokens     (absent for tab_only)
     numeric         float32 batch x N                   (absent without numeric columns or for text_only)
     missing         float32 batch x N                   (idem; 1.0 where the value was missing)
     categorical     int64   batch x K                   (absent without categorical columns or for text_only)
-    -> probabilities float32 batch x num_classes
+    -> probabilities float32 batch x num_classes       (classification: softmax included)
+    -> prediction    float32 batch x 1                 (regression: in the target's original units, the
+                                                        train standardisation undone in the graph)
+
+A reader takes the graph's one output, `probabilities` or `prediction` (OUTPUTS), and tells the task by its name.
 """
 from __future__ import annotations
 
@@ -24,6 +28,13 @@ from .errors import ArtifactError, read_json_object
 
 INPUTS = ("input_ids", "attention_mask", "numeric", "missing", "categorical")
 OUTPUT = "probabilities"
+REGRESSION_OUTPUT = "prediction"
+OUTPUTS = (OUTPUT, REGRESSION_OUTPUT)
+
+
+def output_name(task: str) -> str:
+    return REGRESSION_OUTPUT if task == "regression" else OUTPUT
+
 MANIFEST = "onnx_manifest.json"
 _DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(int32)": np.int32,
            "tensor(double)": np.float64}
@@ -71,9 +82,10 @@ def feeds(sess, batch: dict) -> dict:
 
 def score_dataset(score: Callable[[dict], object], ds, pad_id: int, num_classes: int,
                   batch_size: int = 32) -> np.ndarray:
-    """Probabilities (float32, len(ds) x num_classes, dataset order) of every row of a TableDataset, scored in
-    length order (similar lengths batched together: less padding). `score` maps a collated host batch to
-    probabilities (numpy or torch). One process: distributed scoring is mmbert.scoring.predict."""
+    """Scores (float32, len(ds) x num_classes, dataset order; num_classes = 1 for a regression's prediction) of
+    every row of a TableDataset, scored in length order (similar lengths batched together: less padding).
+    `score` maps a collated host batch to scores (numpy or torch). One process: distributed scoring is
+    mmbert.scoring.predict."""
     from .data.dataset import collate
 
     order = np.argsort(ds.lengths, kind="stable")
@@ -100,13 +112,18 @@ class OnnxScorer:
         file (check_integrity=False skips it); a missing, truncated, tampered or non-ONNX file raises
         ArtifactError with one clear line.
 
-    predict_proba(batch) -> np.ndarray float32, shape (B, num_classes), rows in batch order
+    scores(batch) -> np.ndarray float32, shape (B, num_classes), rows in batch order: the graph's output
+        (class probabilities, or for a regression (B, 1) predictions in original units)
         batch: a dict as returned by mmbert.data.dataset.collate (torch tensors or numpy arrays). Only
         the keys the graph declares (`input_names`) are read; `chunk_index`, `labels`, `index` ... are
-        ignored. Same probabilities as softmax(model(...)) in PyTorch to ~1e-6 (verified at export).
+        ignored. Same scores as mmbert.models.classifier.scores(model(...)) in PyTorch to ~1e-6 (verified at
+        export).
+    predict_proba(batch)     scores(batch) of a classifier; ArtifactError for a regression model
 
     input_names: list[str]   graph inputs, a subset of INPUTS
-    num_classes: int
+    output: str              the graph's output, one of OUTPUTS
+    task: str                classification or regression (by the output's name)
+    num_classes: int         scores per row (1 for a regression)
     folder: str              the export folder
     manifest: dict           onnx_manifest.json (empty when the folder has none)
     preprocessor, tokenizer  loaded lazily from the folder (preprocessing.json, tokenizer/): the same
@@ -133,14 +150,21 @@ class OnnxScorer:
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = [n for n in self.input_names if n not in INPUTS]
         outs = [o.name for o in self.session.get_outputs()]
-        if unknown or outs != [OUTPUT]:
+        if unknown or len(outs) != 1 or outs[0] not in OUTPUTS:
             raise ArtifactError(f"{path} is not an mmbert export: inputs {self.input_names}, outputs {outs}")
+        self.output = outs[0]
+        self.task = "regression" if self.output == REGRESSION_OUTPUT else "classification"
         shape = self.session.get_outputs()[0].shape
         self.num_classes = int(shape[-1]) if isinstance(shape[-1], int) else None
         self._pre = self._tok = None
 
+    def scores(self, batch: dict) -> np.ndarray:
+        return self.session.run([self.output], feeds(self.session, batch))[0]
+
     def predict_proba(self, batch: dict) -> np.ndarray:
-        return self.session.run([OUTPUT], feeds(self.session, batch))[0]
+        if self.task == "regression":
+            raise ArtifactError(f"{self.path} is a regression model: it has no class probabilities (use scores)")
+        return self.scores(batch)
 
     @property
     def preprocessor(self):
@@ -171,8 +195,8 @@ class OnnxScorer:
         return build_dataset(self.preprocessor, self.tokenizer, df, file, with_labels=with_labels, name="serve")
 
     def predict_dataset(self, ds, batch_size: int = 32) -> np.ndarray:
-        k = self.num_classes or len(self.preprocessor.classes)
-        return score_dataset(self.predict_proba, ds, self.pad_id, k, batch_size)
+        k = self.num_classes or self.preprocessor.num_outputs
+        return score_dataset(self.scores, ds, self.pad_id, k, batch_size)
 
     def predict_frame(self, df, batch_size: int = 32) -> np.ndarray:
         return self.predict_dataset(self.dataset(df, with_labels=False), batch_size)

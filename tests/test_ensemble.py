@@ -20,12 +20,14 @@ from mmbert.errors import ArtifactError, ConfigError
 
 # ----------------------------------------------------------------------------- unit: the combination
 
-def _tiny_model(tiny_bert, seed: int, fusion: str = "cross_attn"):
+def _tiny_model(tiny_bert, seed: int, fusion: str = "cross_attn", regression: bool = False):
     from mmbert.artifact import build_model
     from mmbert.models.classifier import ModelSpec
 
+    task = dict(task="regression", target_mean=3.5, target_std=1.25) if regression else {}
     spec = ModelSpec(fusion=fusion, hidden_dim=32, num_heads=2, dropout=0.0, pooling="cls", num_numeric=2,
-                     cardinalities=[3], cat_embedding_dim=4, num_classes=3, encoder=tiny_bert)
+                     cardinalities=[3], cat_embedding_dim=4, num_classes=1 if regression else 3, encoder=tiny_bert,
+                     **task)
     torch.manual_seed(seed)
     return build_model(spec, tiny_bert, pretrained=True).eval()
 
@@ -39,18 +41,29 @@ def _batch():
 
 def test_ensemble_probabilities_are_the_members_mean(tiny_bert):
     from mmbert.ensemble import EnsembleModel
-    from mmbert.scoring import batch_probabilities
+    from mmbert.scoring import batch_scores
 
     # members of different fusions: each reads the inputs it needs
     members = [_tiny_model(tiny_bert, 1), _tiny_model(tiny_bert, 2), _tiny_model(tiny_bert, 3, "text_only")]
     b = _batch()
-    each = [batch_probabilities(m, b) for m in members]
+    each = [batch_scores(m, b) for m in members]
     assert np.abs(each[0] - each[1]).max() > 1e-3  # the members really differ
-    got = batch_probabilities(EnsembleModel(members).eval(), b)
+    got = batch_scores(EnsembleModel(members).eval(), b)
     np.testing.assert_allclose(got, np.mean(each, axis=0), atol=1e-6)
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-6)
     # one member: the model itself
-    np.testing.assert_allclose(batch_probabilities(EnsembleModel(members[:1]).eval(), b), each[0], atol=1e-6)
+    np.testing.assert_allclose(batch_scores(EnsembleModel(members[:1]).eval(), b), each[0], atol=1e-6)
+
+
+def test_regression_ensemble_averages_the_predictions(tiny_bert):
+    from mmbert.ensemble import EnsembleModel
+    from mmbert.scoring import batch_scores
+
+    members = [_tiny_model(tiny_bert, s, regression=True) for s in (1, 2, 3)]
+    b = _batch()
+    each = [batch_scores(m, b) for m in members]
+    assert each[0].shape == (5, 1) and np.abs(each[0] - each[1]).max() > 1e-3
+    np.testing.assert_allclose(batch_scores(EnsembleModel(members).eval(), b), np.mean(each, axis=0), atol=1e-5)
 
 
 def test_export_inputs_are_the_members_union(tiny_bert):

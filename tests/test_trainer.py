@@ -253,17 +253,17 @@ def test_evaluate_logs_val_metrics_keeps_best_and_counts_non_improving(make, mon
     assert (s.best_metric, s.best_step, s.evals_since_best, s.last_eval_step) == (rec["roc_auc"], 1, 1, 2)
     assert t.stop_reason is None
 
-    real = loop.compute_metrics
+    real = loop.task_metrics
 
-    def undefined(labels, p, names):
-        return {**real(labels, p, names), "roc_auc": None}
+    def undefined(labels, p, pre):
+        return {**real(labels, p, pre), "roc_auc": None}
 
-    monkeypatch.setattr(loop, "compute_metrics", undefined)
+    monkeypatch.setattr(loop, "task_metrics", undefined)
     t.state.step = 3  # undefined: neither best nor a count towards early stopping
     t.evaluate()
     assert (s.best_metric, s.best_step, s.evals_since_best, s.last_eval_step) == (rec["roc_auc"], 1, 1, 3)
     assert records(t.out)[-1]["roc_auc"] is None
-    monkeypatch.setattr(loop, "compute_metrics", real)
+    monkeypatch.setattr(loop, "task_metrics", real)
 
     t.state.step = 4  # second non-improving evaluation: patience 2 reached
     t.evaluate()
@@ -271,10 +271,10 @@ def test_evaluate_logs_val_metrics_keeps_best_and_counts_non_improving(make, mon
     assert open(best_file, "rb").read() == best_bytes  # best/ untouched since step 1
     assert [r["step"] for r in records(t.out) if r.get("split") == "val"] == [1, 2, 3, 4]
 
-    def better(labels, p, names):
-        return {**real(labels, p, names), "roc_auc": rec["roc_auc"] + 0.01}
+    def better(labels, p, pre):
+        return {**real(labels, p, pre), "roc_auc": rec["roc_auc"] + 0.01}
 
-    monkeypatch.setattr(loop, "compute_metrics", better)
+    monkeypatch.setattr(loop, "task_metrics", better)
     t.train_step()  # step 5, new weights
     t.evaluate()
     assert (s.best_metric, s.best_step, s.evals_since_best) == (pytest.approx(rec["roc_auc"] + 0.01), 5, 0)

@@ -10,7 +10,7 @@ $MMBERT_DATASETS_CACHE/../tokenized), one folder per key:
                                 description, the data-fix report, texts cut at max_chunks, each Arrow file's size
     KEY/{train,val,data}.arrow  Arrow IPC, one record batch: row int64, tokens large_list<int32> (every chunk's
                                 [CLS] ... [SEP], concatenated), chunk_lens list<int32>, numeric / missing
-                                list<float32>, categorical list<int64>, label int64, id string (when configured)
+                                list<float32>, categorical list<int64>, label int64 (float64: a regression target), id string (when configured)
     KEY/COMPLETE                written last: a folder without it is never read
 
 KEY is a digest of: the data files' bytes (also of split and index files; never their mtime), every
@@ -145,7 +145,8 @@ def _split_table(ds: TableDataset):
         "numeric": _rows_of(e.numeric, pa.float32()),
         "missing": _rows_of(e.missing, pa.float32()),
         "categorical": _rows_of(e.categorical, pa.int64()),
-        "label": pa.array(e.labels if e.labels is not None else [None] * len(e), type=pa.int64()),
+        "label": pa.array(e.labels if e.labels is not None else [None] * len(e),
+                          type=pa.float64() if e.labels is not None and e.labels.dtype.kind == "f" else pa.int64()),
     }
     if e.ids is not None:
         cols["id"] = pa.array([None if v is None else str(v) for v in e.ids], type=pa.large_string())

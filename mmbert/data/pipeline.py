@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DataError
+from ..task import REGRESSION
 from .dataset import TableDataset
 from .io import dataset_dict_splits, load_table, read_indices
 from .preprocess import Encoded, Preprocessor
@@ -154,7 +155,12 @@ def build_dataset(pre: Preprocessor, tokenizer, df: pd.DataFrame, file: str, wit
 def log_label_map(pre: Preprocessor, train_ds: TableDataset, file: str):
     """Training: the label map is every distinct label of the train split. Log it with its train counts, and
     warn about a class with a single train row, naming the row: a stray value (a `7` in 0/1 data) would
-    otherwise silently become a class of its own."""
+    otherwise silently become a class of its own. Regression: the target's train statistics instead."""
+    if pre.task == REGRESSION:
+        y = train_ds.enc.labels
+        log.info("regression target '%s' (train rows): mean %.4g, std %.4g, min %.4g, max %.4g (standardised with "
+                 "this mean and std for training)", pre.label_column, pre.target_mean, pre.target_std, y.min(), y.max())
+        return
     counts = np.bincount(train_ds.enc.labels, minlength=pre.num_classes)
     shown = [f"{c}={n}" for c, n in zip(pre.class_names[:20], counts[:20])]
     more = f", ... ({pre.num_classes} classes)" if pre.num_classes > 20 else ""

@@ -1,5 +1,6 @@
 """Preprocessing fitted on the train split only and saved as JSON (no pickle): numeric statistics,
-categorical vocabularies, the label map and the text recipe."""
+categorical vocabularies, the label map (classification) or the target's mean and std (regression) and the
+text recipe."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ArtifactError, ConfigError, DataError, read_json_object
+from ..task import CLASSIFICATION, REGRESSION, task_of
 
 FORMAT_VERSION = 1
 # Numeric values beyond float32's range are infinite for the model: they count as infinite (-> missing).
@@ -44,7 +46,7 @@ class Encoded:
     numeric: np.ndarray  # n x N standardised (missing -> 0 after imputation)
     missing: np.ndarray  # n x N 1.0 where the value was missing
     categorical: np.ndarray  # n x K int64, 0 = unknown/missing
-    labels: Optional[np.ndarray]  # n int64 class index, or None (prediction run)
+    labels: Optional[np.ndarray]  # n int64 class index, float64 target in original units, or None (prediction run)
     ids: Optional[list]
     report: dict = field(default_factory=dict)  # counted, documented data fixes (unseen categories ...)
 
@@ -99,6 +101,10 @@ class Preprocessor:
     classes: list[Any] = field(default_factory=list)
     labels_pinned: bool = False  # classes came from data.labels, not from the train split
     format_version: int = FORMAT_VERSION
+    # a file without these fields (written before regression existed) is a classification
+    task: str = CLASSIFICATION
+    target_mean: Optional[float] = None  # regression: the train target's mean and std (the model predicts
+    target_std: Optional[float] = None  # (y - mean) / std; scores are in the target's original units)
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -121,8 +127,40 @@ class Preprocessor:
         for c in p.categorical_columns:
             values = {_fmt(v) for v in df[c].tolist() if not _is_missing(v)}  # 3.0 -> "3": int columns read as float
             p.vocabularies[c] = sorted(values)
-        p._fit_labels(df, data_cfg.label_type, file, data_cfg.labels)
+        p.task = task_of(data_cfg)
+        if p.task == REGRESSION:
+            p._fit_target(df, file)
+        else:
+            p._fit_labels(df, data_cfg.label_type, file, data_cfg.labels)
         return p
+
+    def _fit_target(self, df: pd.DataFrame, file: str):
+        y = self.target_values(df, file)
+        mean, std = float(y.mean()), float(y.std())
+        if not std > 1e-12 * max(1.0, abs(mean)):
+            raise DataError(f"{file}: regression target '{self.label_column}' is constant ({mean:g}) in the train "
+                            f"split: its std is 0, there is nothing to learn")
+        self.label_type, self.classes, self.target_mean, self.target_std = "float", [], mean, std
+
+    def target_values(self, df: pd.DataFrame, file: str) -> np.ndarray:
+        """The regression target as float64 in its own units; a missing, non-numeric or infinite value (or one
+        beyond float32's range) stops with its file, column and row."""
+        s = df[self.label_column]
+        try:
+            vals = pd.to_numeric(s.astype(float) if s.dtype == bool else s, errors="coerce")
+            vals = vals.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            vals = np.full(len(s), np.nan)  # e.g. lists in the column: every row is named as not a number
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(vals) | (np.abs(vals) > FLOAT32_MAX)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            v = s.iloc[r]
+            blank = isinstance(v, str) and v.strip().lower() in NA_SPELLINGS | {""}
+            why = ("the label is missing" if _is_missing(v) or blank
+                   else f"regression target {str(v)[:60]!r} is not a finite number")
+            raise DataError(f"{file}: column '{self.label_column}', row {df.index[r]}: {why}")
+        return vals
 
     def _fit_labels(self, df: pd.DataFrame, label_type: str, file: str, pinned: Optional[list] = None):
         col = df[self.label_column].tolist()
@@ -165,6 +203,11 @@ class Preprocessor:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """Scores per row: one probability per class, or the one regression prediction."""
+        return 1 if self.task == REGRESSION else len(self.classes)
 
     @property
     def class_names(self) -> list[str]:
@@ -264,6 +307,8 @@ class Preprocessor:
                        categorical=categorical, labels=labels, ids=ids, report=report)
 
     def encode_labels(self, df: pd.DataFrame, file: str) -> np.ndarray:
+        if self.task == REGRESSION:
+            return self.target_values(df, file)
         col = df[self.label_column].tolist()
         out = np.empty(len(col), dtype=np.int64)
         if self.label_type == "onehot":
@@ -334,12 +379,28 @@ class Preprocessor:
             bad = next((c for c in columns if not ok(table[c])), None)
             if bad is not None:
                 raise ArtifactError(f"{path}: field '{name}.{bad}' must be {want}, got {table[bad]!r:.80}")
-        want_class = {"int": is_int, "string": lambda v: isinstance(v, str), "onehot": is_int}[self.label_type]
-        if (len(self.classes) < 2 or not all(want_class(c) for c in self.classes)
+        if self.task == REGRESSION or self.target_mean is not None or self.target_std is not None:
+            self._validate_target(path)
+            return
+        want_class = {"int": is_int, "string": lambda v: isinstance(v, str), "onehot": is_int}.get(self.label_type)
+        if (want_class is None or len(self.classes) < 2 or not all(want_class(c) for c in self.classes)
                 or len(set(self.classes)) != len(self.classes)
                 or (self.label_type == "onehot" and self.classes != list(range(len(self.classes))))):
             raise ArtifactError(f"{path}: field 'classes' must be >= 2 distinct {self.label_type} class names "
                                 f"(label_type '{self.label_type}'), got {self.classes!r:.80}")
+
+    def _validate_target(self, path: str):
+        """A regression file: float labels, no classes, the target's finite mean and std > 0."""
+        if self.task != REGRESSION or self.label_type != "float" or self.classes != []:
+            raise ArtifactError(f"{path}: fields 'task', 'label_type', 'classes' must be regression, float, [] when "
+                                f"'target_mean'/'target_std' are set, got {self.task!r}, {self.label_type!r}, "
+                                f"{self.classes!r:.40}")
+        for name in ("target_mean", "target_std"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (name == "target_mean" or v > 0)):
+                raise ArtifactError(f"{path}: field '{name}' must be a finite number{' > 0' if name == 'target_std' else ''}"
+                                    f" for a regression, got {v!r:.80}")
 
 
 def is_int(v, low: Optional[int] = None) -> bool:
@@ -376,10 +437,11 @@ _FIELDS = {
     "max_chunks": (lambda v: is_int(v, 1), "an integer >= 1"),
     "numeric_stats": (lambda v: isinstance(v, dict), "an object"),
     "vocabularies": (lambda v: isinstance(v, dict), "an object"),
-    "label_type": (lambda v: v in ("int", "string", "onehot"), "one of 'int', 'string', 'onehot'"),
+    "label_type": (lambda v: v in ("int", "string", "onehot", "float"), "one of 'int', 'string', 'onehot', 'float'"),
     "classes": (lambda v: isinstance(v, list), "a list"),
     "labels_pinned": (lambda v: isinstance(v, bool), "true or false"),
     "format_version": (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION}"),
+    "task": (lambda v: v in (CLASSIFICATION, REGRESSION), f"'{CLASSIFICATION}' or '{REGRESSION}'"),
 }
 
 

@@ -29,6 +29,7 @@ from ..data.dataset import TableDataset
 from ..data.preprocess import Encoded, Z_MAX
 from ..data.tokenize import chunk_tokenize, pad_id
 from ..scoring import predict
+from ..task import CLASSIFICATION, REGRESSION
 from .rows import select_rows
 
 log = logging.getLogger("mmbert")
@@ -41,12 +42,16 @@ FILES = (IMPORTANCE_JSON, IMPORTANCE_PNG)
 
 # ----------------------------------------------------------------------------- the pure parts
 
-def primary_metric(labels: np.ndarray, probs: np.ndarray) -> tuple[str, float, bool]:
-    """(name, value, higher_is_better) of the model's primary metric: ROC-AUC (binary; macro one-vs-rest
-    beyond two classes), or log loss where ROC-AUC is undefined (a class absent from the rows). The choice
-    depends on the labels only, so the baseline and every permuted scoring use the same metric."""
+def primary_metric(labels: np.ndarray, probs: np.ndarray, task: str = CLASSIFICATION) -> tuple[str, float, bool]:
+    """(name, value, higher_is_better) of the model's primary metric: for a regression RMSE; else ROC-AUC
+    (binary; macro one-vs-rest beyond two classes), or log loss where ROC-AUC is undefined (a class absent
+    from the rows). The choice depends on the labels only, so the baseline and every permuted scoring use the
+    same metric."""
     from sklearn.metrics import log_loss, roc_auc_score
 
+    if task == REGRESSION:
+        err = np.asarray(probs, dtype=np.float64)[:, 0] - np.asarray(labels, dtype=np.float64)
+        return "rmse", float(np.sqrt(np.mean(err ** 2))), False
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
@@ -169,15 +174,15 @@ class Scoring:
     def metric(self, df: pd.DataFrame, edit: Optional[Callable[[Encoded], None]] = None,
                same_text: bool = False) -> tuple[str, float, bool]:
         """The metric of `df` (`edit` applied); same_text: its texts are the baseline's (tokens reused)."""
-        from .run import check_scores
+        from .run import check_scores, model_name
 
         ds = encode(self.pre, self.tokenizer, df, self.file, edit, self.base if same_text else None)
         if self.base is None:
             self.base = ds
         _, _, probs = predict(None, ds, self.env.rank, self.env.world_size, self.env.device, self.args.batch_size,
-                              pad_id(self.tokenizer), scorer=self.scorer, num_classes=self.pre.num_classes)
-        check_scores(probs, ds, self.pre.num_classes, self.pre.classes, self.args.onnx or self.args.model_dir)
-        return primary_metric(ds.enc.labels, probs)
+                              pad_id(self.tokenizer), scorer=self.scorer, num_classes=self.pre.num_outputs)
+        check_scores(probs, ds, self.pre, model_name(self.args))
+        return primary_metric(ds.enc.labels, probs, self.pre.task)
 
 
 def run_importance(args: argparse.Namespace, env, scorer: Callable, pre, tokenizer) -> dict:

@@ -9,7 +9,10 @@ ROC = "roc_curve.png"
 PR = "pr_curve.png"
 CONFUSION = "confusion_matrix.png"
 HISTOGRAM = "probability_histogram.png"
-ALL = (ROC, PR, CONFUSION, HISTOGRAM)
+SCATTER = "predicted_vs_actual.png"  # regression
+RESIDUALS = "residual_histogram.png"
+PREDICTIONS = "prediction_histogram.png"
+ALL = (ROC, PR, CONFUSION, HISTOGRAM, SCATTER, RESIDUALS, PREDICTIONS)
 
 
 def _figure(w: float = 5.0, h: float = 4.5):
@@ -123,6 +126,44 @@ def plot_histogram(probs: np.ndarray, class_names: list[str], labels, path: str)
     ax.set(xlim=(0, 1), xlabel=xlabel, ylabel="rows", title="predicted probabilities")
     ax.legend(fontsize="small")
     _save(fig, path)
+
+
+def plot_scatter(labels: np.ndarray, pred: np.ndarray, name: str, path: str):
+    """Regression: prediction against the actual target, with the y = x line."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.scatter(labels, pred, s=6, alpha=0.35, linewidths=0)
+    lo, hi = float(min(labels.min(), pred.min())), float(max(labels.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], ls="--", lw=1, color="grey")
+    ax.set(xlabel=f"actual {name}", ylabel=f"predicted {name}", title=f"predicted vs actual (n={len(labels)})")
+    _save(fig, path)
+
+
+def plot_value_histogram(values: np.ndarray, xlabel: str, title: str, path: str):
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=40, alpha=0.8)
+    ax.set(xlabel=xlabel, ylabel="rows", title=f"{title} (n={len(values)})")
+    _save(fig, path)
+
+
+def regression_plots(out_dir: str, pred: np.ndarray, name: str, labels=None) -> list[str]:
+    """Labelled rows: predicted-vs-actual scatter and the residuals' histogram; else the predictions' histogram."""
+    if labels is None:
+        plot_value_histogram(pred, f"predicted {name}", "predictions", os.path.join(out_dir, PREDICTIONS))
+        return [PREDICTIONS]
+    labels = np.asarray(labels, dtype=np.float64)
+    plot_scatter(labels, pred, name, os.path.join(out_dir, SCATTER))
+    plot_value_histogram(pred - labels, f"residual: predicted - actual {name}", "residuals",
+                         os.path.join(out_dir, RESIDUALS))
+    return [SCATTER, RESIDUALS]
+
+
+def task_plots(out_dir: str, scores: np.ndarray, pre, labels=None, confusion=None) -> list[str]:
+    """The pictures of the preprocessing's task (write_plots or regression_plots); their paths."""
+    if pre.task == "regression":
+        return [os.path.join(out_dir, p) for p in regression_plots(out_dir, scores[:, 0], pre.label_column, labels)]
+    return write_plots(out_dir, scores, pre.class_names, labels, confusion)
 
 
 def write_plots(out_dir: str, probs: np.ndarray, class_names: list[str], labels=None,

@@ -3,14 +3,17 @@
 Every rank loads the model directory (safetensors + JSON only) as a plain, replicated model: whatever
 strategy trained it, inference needs no sharding (with --onnx, an onnxruntime session of an exported
 model and the preprocessing shipped beside it take the model's place). Each rank scores its shard of the
-length-sorted, padded order (same number of batches everywhere); the probabilities are all-gathered and the
-padding repeats dropped by row position, so every input row counts exactly once.
+length-sorted, padded order (same number of batches everywhere); the scores (class probabilities, or a
+regression's prediction in original units) are all-gathered and the padding repeats dropped by row position,
+so every input row counts exactly once.
 
 Outputs (OUT = --output-dir):
     test_result_rank{r}.tsv   rank r's own rows (no padding repeats), in input order
     predictions.tsv           all rows once, in input order (rank 0)
     metrics.json              labelled data only (rank 0)
-    *.png                     ROC / PR curves and confusion matrix (labelled data), probability histogram
+    *.png                     classification: ROC / PR curves and confusion matrix (labelled data), probability
+                              histogram; regression: predicted-vs-actual scatter and residual histogram
+                              (labelled data), prediction histogram
     importance.json / .png    --importance (labelled data): permutation importance per column (importance.py)
 """
 from __future__ import annotations
@@ -34,13 +37,14 @@ from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.gather import gather_objects
 from ..ensemble import open_models
 from ..errors import ArtifactError, ConfigError, MMBertError
-from ..metrics import compute_metrics, per_class_report, summary_table
+from ..metrics import per_class_report, summary_table, task_metrics
 from ..scoring import Scorer, predict, torch_scorer
 from ..serving import OnnxScorer
+from ..task import REGRESSION
 from .plots import ALL as PLOT_FILES
-from .plots import write_plots
 from .importance import FILES as IMPORTANCE_FILES
 from .importance import run_importance
+from .plots import task_plots
 from .rows import Selection, check_data_exists, scored_rows
 
 log = logging.getLogger("mmbert")
@@ -61,8 +65,8 @@ def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
     return torch_scorer(md.model, env.device), md.pre, md.tokenizer
 
 
-# A scorer loader returns (batch -> probabilities callable, Preprocessor, tokenizer); run_evaluation takes
-# it as argument. The scorer gets the host batch of `collate` and returns B x K probabilities.
+# A scorer loader returns (batch -> scores callable, Preprocessor, tokenizer); run_evaluation takes it as
+# argument. The scorer gets the host batch of `collate` and returns B x K scores (K = 1: regression).
 ScorerLoader = Callable[[argparse.Namespace, DistEnv], "tuple[Scorer, object, object]"]
 
 
@@ -72,7 +76,7 @@ def load_onnx_scorer(args: argparse.Namespace, env: DistEnv):
     import torch
 
     s = OnnxScorer(args.onnx, threads=torch.get_num_threads())
-    return s.predict_proba, s.preprocessor, s.tokenizer
+    return s.scores, s.preprocessor, s.tokenizer
 
 
 def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
@@ -87,24 +91,33 @@ def prob_columns(class_names: list[str]) -> list[str]:
     return ["prob"] if len(class_names) == 2 else [f"prob_{c}" for c in class_names]
 
 
-def prediction_frame(ds: TableDataset, positions: np.ndarray, probs: np.ndarray, class_names: list[str],
-                     id_column: Optional[str]) -> pd.DataFrame:
-    """One row per position: row (0-based row number in the data file), id, label (when known),
-    probability column(s), pred (class name of the most probable class)."""
-    enc = ds.enc
-    names = np.asarray(class_names, dtype=object)
+def score_columns(pre, scores: np.ndarray) -> dict:
+    """The prediction files' score columns (evaluate.py and `mmbert predict`): classification: probability
+    column(s) and pred (class name of the most probable class); regression: prediction (original units)."""
+    if pre.task == REGRESSION:
+        return {"prediction": scores[:, 0]}
+    names = np.asarray(pre.class_names, dtype=object)
+    cols = {"prob": scores[:, 1]} if len(names) == 2 else dict(zip(prob_columns(pre.class_names), scores.T))
+    cols["pred"] = names[scores.argmax(1)] if len(scores) else np.asarray([], dtype=object)
+    return cols
+
+
+def label_column(pre, labels: np.ndarray) -> np.ndarray:
+    """Known labels as the prediction files show them: class names, or a regression's target values."""
+    return labels if pre.task == REGRESSION else np.asarray(pre.class_names, dtype=object)[labels]
+
+
+def prediction_frame(ds: TableDataset, positions: np.ndarray, scores: np.ndarray, pre) -> pd.DataFrame:
+    """One row per position: row (0-based row number in the data file), id, label (when known), then the
+    score columns (score_columns)."""
+    enc, id_column = ds.enc, pre.id_column
     cols: dict = {"row": enc.rows[positions]}
     if id_column and enc.ids is not None:
         ids = enc.ids.take(positions) if hasattr(enc.ids, "take") else [enc.ids[i] for i in positions]
         cols[id_column] = np.asarray([*ids, None], dtype=object)[:-1]
     if enc.labels is not None:
-        cols["label"] = names[enc.labels[positions]]
-    if len(class_names) == 2:
-        cols["prob"] = probs[:, 1]
-    else:
-        for j, c in enumerate(prob_columns(class_names)):
-            cols[c] = probs[:, j]
-    cols["pred"] = names[probs.argmax(1)] if len(probs) else np.asarray([], dtype=object)
+        cols["label"] = label_column(pre, enc.labels[positions])
+    cols.update(score_columns(pre, scores))
     return pd.DataFrame(cols)
 
 
@@ -145,16 +158,18 @@ def agree(step: Callable[[], object]):
     return value
 
 
-def check_scores(probs: np.ndarray, ds: TableDataset, num_classes: int, classes: list, source: str):
-    """The merged probabilities, identical on every rank: so every rank takes the same decision here,
-    before anything is written."""
-    if probs.shape[1] != num_classes:
-        raise ArtifactError(f"the scorer returns {probs.shape[1]} probabilities per row but the label map has "
-                            f"{num_classes} classes {classes}")
+def check_scores(probs: np.ndarray, ds: TableDataset, pre, source: str):
+    """The merged scores, identical on every rank: so every rank takes the same decision here, before
+    anything is written."""
+    if probs.shape[1] != pre.num_outputs:
+        want = ("1 prediction (regression)" if pre.task == REGRESSION
+                else f"{pre.num_classes} probabilities (the label map's classes {pre.classes})")
+        raise ArtifactError(f"the scorer returns {probs.shape[1]} scores per row but the model needs {want}")
     bad = ~np.isfinite(probs).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise ArtifactError(f"{source}: the model gives NaN/inf probabilities for {int(bad.sum())} of {len(probs)} "
+        what = "predictions" if pre.task == REGRESSION else "probabilities"
+        raise ArtifactError(f"{source}: the model gives NaN/inf {what} for {int(bad.sum())} of {len(probs)} "
                             f"rows (first: row {int(ds.enc.rows[first])}): check its weights for NaN/inf; no "
                             f"prediction file was written")
 
@@ -226,7 +241,6 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
     check_data_exists(args)  # a bad data file is reported before seconds go into loading the model
     scorer, pre, tokenizer = scorer_loader(args, env)
     ds, sel, labelled = scored_rows(args, env, pre, tokenizer)
-    class_names = pre.class_names
     if getattr(args, "importance", False) and not labelled:
         raise ConfigError(f"--importance needs labelled rows: {sel.file} has no label column '{pre.label_column}'")
     if env.is_main:
@@ -237,12 +251,11 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
 
     own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id(tokenizer),
                                     progress=env.is_main and not args.no_progress, scorer=scorer,
-                                    num_classes=pre.num_classes)
-    check_scores(probs, ds, pre.num_classes, pre.classes, model_name(args))
+                                    num_classes=pre.num_outputs)
+    check_scores(probs, ds, pre, model_name(args))
     order = np.argsort(own, kind="stable")  # the rank file in input order too
     rank_file = os.path.join(out, RANK_FILE.format(env.rank))
-    staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], class_names,
-                                                      pre.id_column), rank_file))
+    staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], pre), rank_file))
     os.replace(staged, rank_file)
     result = write_outputs(args, env, sel, ds, probs, pre, labelled, t0) if env.is_main else {}
     if getattr(args, "importance", False):  # every rank scores: after the evaluation's files are written
@@ -253,21 +266,21 @@ def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: Scorer
 def write_outputs(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
                   pre, labelled: bool, t0: float) -> dict:
     """Rank 0: predictions.tsv, metrics.json (labelled data), the pictures and the summary on screen."""
-    out, class_names = args.output_dir, pre.class_names
-    write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, class_names, pre.id_column),
-              os.path.join(out, PREDICTIONS))
-    result = write_metrics(args, env, sel, ds, probs, class_names, t0) if labelled else {}
-    pictures = [] if args.no_plots else write_plots(out, probs, class_names, ds.enc.labels if labelled else None,
+    out = args.output_dir
+    write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, pre), os.path.join(out, PREDICTIONS))
+    result = write_metrics(args, env, sel, ds, probs, pre, t0) if labelled else {}
+    pictures = [] if args.no_plots else task_plots(out, probs, pre, ds.enc.labels if labelled else None,
                                                    result.get("confusion_matrix"))
-    print(summary(sel, ds, probs, class_names, result, env.world_size, time.time() - t0, out, pictures), flush=True)
+    print(summary(sel, ds, probs, pre, result, env.world_size, time.time() - t0, out, pictures), flush=True)
     return result
 
 
 def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
-                  class_names: list[str], t0: float) -> dict:
+                  pre, t0: float) -> dict:
     labels = ds.enc.labels
-    result = compute_metrics(labels, probs, class_names)
-    result["per_class"] = per_class_report(labels, probs, class_names)
+    result = task_metrics(labels, probs, pre)
+    if pre.task != REGRESSION:
+        result["per_class"] = per_class_report(labels, probs, pre.class_names)
     # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
     result["data_report"] = ds.enc.report
     dirs = getattr(args, "model_dirs", None) or [args.model_dir]
@@ -280,9 +293,11 @@ def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: Ta
     return result
 
 
-def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, class_names: list[str], metrics: dict,
+def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, pre, metrics: dict,
             world: int, seconds: float, out: str, pictures: list[str]) -> str:
-    """One screen: what was scored, the metrics (or the predicted class counts), where the files are."""
+    """One screen: what was scored, the metrics (or the predicted class counts / prediction range), where the
+    files are."""
+    class_names = pre.class_names
     head = (f"== {'evaluation' if metrics else 'prediction'}: {len(ds)} rows of {sel.file} ({sel.description}), "
             f"{world} process{'es' if world > 1 else ''}, {seconds:.1f}s")
     lines = [head]
@@ -294,6 +309,10 @@ def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, class_names: li
             lines.append("confusion matrix (rows: true, columns: predicted)")
             lines.append(" " * w + "".join(f"{c:>{w}}" for c in class_names))
             lines += [f"{c:>{w}}" + "".join(f"{v:>{w}}" for v in row) for c, row in zip(class_names, cm)]
+    elif pre.task == REGRESSION:
+        p = probs[:, 0]
+        lines.append(f"predicted {pre.label_column}: mean {p.mean():.4g}, std {p.std():.4g}, min {p.min():.4g}, "
+                     f"max {p.max():.4g}")
     else:
         counts = np.bincount(probs.argmax(1), minlength=len(class_names)) if len(probs) else []
         lines.append("predicted classes: " + ", ".join(f"{c}={int(n)}" for c, n in zip(class_names, counts)))

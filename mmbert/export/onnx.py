@@ -1,7 +1,8 @@
 """ONNX export of a consolidated model directory, verified with onnxruntime against PyTorch.
 
-The exported graph maps the collated tensors straight to class probabilities (softmax included); its inputs
-are listed in mmbert/serving.py, which serves the export. Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
+The exported graph maps the collated tensors straight to the scores: class probabilities (softmax included),
+or for a regression the prediction in the target's original units (output `prediction`); its inputs and
+outputs are listed in mmbert/serving.py, which serves the export. Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
 preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, inputs, verification, int8
 settings and drift). It holds one export: export.py writes into a new or empty folder, or replaces an earlier
 export (recognised by its manifest) whole; any other non-empty folder is refused.
@@ -23,7 +24,7 @@ import numpy as np
 
 from .. import serving
 from ..errors import ArtifactError, MMBertError
-from ..serving import INPUTS, MANIFEST, OUTPUT, first_line, sha256
+from ..serving import INPUTS, MANIFEST, first_line, output_name, sha256
 
 log = logging.getLogger("mmbert.export")
 
@@ -60,10 +61,11 @@ def int8_path(output: str) -> str:
 def _wrapper(model, names: list[str]):
     import torch
 
-    from ..models.classifier import probabilities
+    from ..models.classifier import scores
 
-    class ProbabilityModel(torch.nn.Module):
-        """Keyword inputs named as in the ONNX graph -> softmax probabilities.
+    class ScoreModel(torch.nn.Module):
+        """Keyword inputs named as in the ONNX graph -> scores (softmax probabilities, or a regression's
+        prediction in original units: models.classifier.scores).
 
         Empty chunks (padding rows of B x C) are skipped as in PyTorch evaluation: the flat indices of the
         real chunks (NonZero in the graph) select what the encoder runs on, so a batch mixing 1- and 2-chunk
@@ -83,9 +85,10 @@ def _wrapper(model, names: list[str]):
                 attention_mask = torch.cat([attention_mask, attention_mask.new_zeros((B, 1, T))], dim=1)
                 chunk_index = torch.nonzero(attention_mask[:, :, 0].reshape(-1) > 0).squeeze(1)
                 torch._check(chunk_index.numel() < B * (C + 1))
-            return probabilities(self.inner(input_ids, attention_mask, numeric, missing, categorical, chunk_index))
+            return scores(self.inner(input_ids, attention_mask, numeric, missing, categorical, chunk_index),
+                          self.inner.spec)
 
-    return ProbabilityModel(model).eval()
+    return ScoreModel(model).eval()
 
 
 def _example_inputs(spec, batch: dict, names: list[str]) -> dict:
@@ -111,6 +114,7 @@ def _export_once(wrapped, example: dict, names: list[str], path: str, exporter: 
                  debug: bool):
     import torch
 
+    output = output_name(wrapped.inner.spec.task)
     external = sum(p.numel() * p.element_size() for p in wrapped.parameters()) > 1.8e9  # protobuf 2 GB limit
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if debug else contextlib.redirect_stdout(sink)
@@ -122,19 +126,19 @@ def _export_once(wrapped, example: dict, names: list[str], path: str, exporter: 
 
             b, c, t = Dim("batch"), Dim("chunks"), Dim("tokens")
             shapes = {k: ({0: b, 1: c, 2: t} if k in ("input_ids", "attention_mask") else {0: b}) for k in names}
-            prog = torch.onnx.export(wrapped, (), kwargs=example, input_names=names, output_names=[OUTPUT],
+            prog = torch.onnx.export(wrapped, (), kwargs=example, input_names=names, output_names=[output],
                                      dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=external,
                                      verbose=False)
             prog.save(path, external_data=external)
         else:
             axes = {k: ({0: "batch", 1: "chunks", 2: "tokens"} if k in ("input_ids", "attention_mask") else {0: "batch"})
                     for k in names}
-            axes[OUTPUT] = {0: "batch"}
+            axes[output] = {0: "batch"}
             # the legacy exporter takes positional args: the wrapper's keyword order is INPUTS
             args = tuple(example.get(k) for k in INPUTS)
             while args and args[-1] is None:
                 args = args[:-1]
-            torch.onnx.export(wrapped, args, path, input_names=names, output_names=[OUTPUT], dynamic_axes=axes,
+            torch.onnx.export(wrapped, args, path, input_names=names, output_names=[output], dynamic_axes=axes,
                               opset_version=opset or TORCHSCRIPT_OPSET, dynamo=False, do_constant_folding=True)
 
 
@@ -250,14 +254,14 @@ def verification_batches(model_dir: str, spec, pre, tokenizer, data: Optional[st
 
 
 def compare(session, model, batches: list[dict]) -> list[dict]:
-    """Per batch: its shape and the max |p_onnx - p_torch| (inf when either side is not finite)."""
-    from ..scoring import batch_probabilities
+    """Per batch: its shape and the max |s_onnx - s_torch| of the scores (inf when either side is not finite)."""
+    from ..scoring import batch_scores
 
     out = []
     for b in batches:
-        ref = batch_probabilities(model, b)
+        ref = batch_scores(model, b)
         try:
-            got = session.run([OUTPUT], serving.feeds(session, b))[0]
+            got = session.run(None, serving.feeds(session, b))[0]
         except Exception as e:  # e.g. a shape the trace baked in as a constant
             raise ArtifactError(f"onnxruntime fails on inputs of shape {list(b['input_ids'].shape) if 'input_ids' in b else ''}: "
                                 f"{first_line(e)}") from None
@@ -270,10 +274,10 @@ def compare(session, model, batches: list[dict]) -> list[dict]:
 
 def _rows_per_second(session, batch: dict, seconds: float = 1.5) -> float:
     fd = serving.feeds(session, batch)
-    session.run([OUTPUT], fd)
+    session.run(None, fd)
     n, t0 = 0, time.perf_counter()
     while True:
-        session.run([OUTPUT], fd)
+        session.run(None, fd)
         n += 1
         el = time.perf_counter() - t0
         if el > seconds and n >= 3:
@@ -303,9 +307,12 @@ def quantize_int8(src: str, dst: str):
                          per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"])
 
 
-def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Callable[[str], None]) -> dict:
+def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Callable[[str], None],
+               scale: float = 1.0) -> dict:
     """Quantize fp32_path to int8_path(fp32_path) and measure it against onnxruntime fp32 on the verification
-    batches. Raises ArtifactError when the drift exceeds `tolerance` (the caller's staging folder goes with it)."""
+    batches. Raises ArtifactError when the drift exceeds `tolerance` (the caller's staging folder goes with it).
+    Scores are divided by `scale` first: a regression's drift is measured in train-target standard deviations,
+    so one tolerance means the same for any target's units."""
     import onnx
 
     q_path = int8_path(fp32_path)
@@ -317,8 +324,8 @@ def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Calla
     fp32, q = serving.session(fp32_path), serving.session(q_path)
     drifts, agree = [], 0
     for b in batches:
-        p32 = fp32.run([OUTPUT], serving.feeds(fp32, b))[0]
-        p8 = q.run([OUTPUT], serving.feeds(q, b))[0]
+        p32 = fp32.run(None, serving.feeds(fp32, b))[0] / scale
+        p8 = q.run(None, serving.feeds(q, b))[0] / scale
         if not np.isfinite(p8).all():
             raise ArtifactError("the int8 model gives non-finite probabilities")
         drifts.append(np.abs(p8 - p32).max(axis=1))
@@ -332,12 +339,13 @@ def _int8_copy(fp32_path: str, batches: list[dict], tolerance: float, say: Calla
     rps32, rps8 = _rows_per_second(fp32, speed_batch), _rows_per_second(q, speed_batch)
     i8 = {"file": os.path.basename(q_path), "quantization": dict(INT8_SETTINGS), "tolerance": tolerance,
           "max_abs_drift_vs_fp32": float(drift.max()), "mean_abs_drift_vs_fp32": float(drift.mean()),
-          "argmax_agreement": agree / len(drift), "predictions": len(drift),
+          "argmax_agreement": agree / len(drift) if p32.shape[1] > 1 else None, "predictions": len(drift),
           "speed_batch": len(speed_batch["numeric"]), "rows_per_s_fp32": round(rps32, 1),
           "rows_per_s_int8": round(rps8, 1), "size_mb_fp32": round(os.path.getsize(fp32_path) / 2**20, 1),
           "size_mb_int8": round(os.path.getsize(q_path) / 2**20, 1)}
+    classes = f"same class on {agree}/{len(drift)}" if p32.shape[1] > 1 else f"{len(drift)}"  # regression: 1 column
     say(f"int8: max |dp| vs fp32 {i8['max_abs_drift_vs_fp32']:.2e} (mean {i8['mean_abs_drift_vs_fp32']:.2e}, "
-        f"tolerance {tolerance:g}), same class on {agree}/{len(drift)} predictions; {rps32:.0f} -> {rps8:.0f} rows/s "
+        f"tolerance {tolerance:g}), {classes} predictions; {rps32:.0f} -> {rps8:.0f} rows/s "
         f"at batch {i8['speed_batch']}; {i8['size_mb_fp32']} -> {i8['size_mb_int8']} MB")
     return i8
 
@@ -445,12 +453,12 @@ def _try_export(model, names: list[str], example: dict, batches: list[dict], pat
         return None, f"{how}: {e}"
     worst = max(c["max_abs_diff"] for c in checks)
     if not worst <= atol:
-        return None, (f"{how}: onnxruntime probabilities differ from PyTorch by {worst:.3g} > {atol:g} "
+        return None, (f"{how}: onnxruntime scores differ from PyTorch by {worst:.3g} > {atol:g} "
                       f"(shapes {[c['shape'] for c in checks]})")
     opset_used = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
                        if o.domain in ("", "ai.onnx")), None)
     return {"exporter": how, "opset": opset_used, "export_seconds": round(seconds, 1), "inputs": names,
-            "output": OUTPUT, "tolerance": atol, "max_abs_diff": worst, "checks": checks}, ""
+            "output": output_name(model.spec.task), "tolerance": atol, "max_abs_diff": worst, "checks": checks}, ""
 
 
 def _export_verified(model, names: list[str], batches: list[dict], path: str, exporter: str, opset: Optional[int],
@@ -524,12 +532,12 @@ def export_onnx(model_dir, output: str, quantize: Optional[str] = None, opset: O
         # the whole export is built in `staged` and only moved into place once everything passed
         fp32_path = os.path.join(staged, os.path.basename(output))
         report = _export_verified(model, names, batches, fp32_path, exporter, opset, atol, debug, say)
-        report.update(fusion=model.spec.fusion, classes=[str(c) for c in pre.class_names], verified_on=rows_desc,
-                      torch=torch.__version__)
+        report.update(fusion=model.spec.fusion, task=pre.task, classes=[str(c) for c in pre.class_names],
+                      verified_on=rows_desc, torch=torch.__version__)
         if md.members:
             report["ensemble"] = ensemble_report(dirs, model)
         if quantize == "int8":
-            report["int8"] = _int8_copy(fp32_path, batches, int8_tolerance, say)
+            report["int8"] = _int8_copy(fp32_path, batches, int8_tolerance, say, pre.target_std or 1.0)
         # the ONNX files and any external-data files beside them: a later export must know to remove them all
         files = {f: {"sha256": sha256(os.path.join(staged, f))} for f in sorted(os.listdir(staged))}
         for f, entry in files.items():

@@ -1,4 +1,5 @@
-"""The multimodal classifier: text encoder + tabular encoder + fusion/head, built from a JSON-able spec."""
+"""The multimodal model: text encoder + tabular encoder + fusion/head, built from a JSON-able spec. A classifier
+outputs one logit per class, a regression model one value (the standardised target)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError
+from ..task import CLASSIFICATION, REGRESSION
 from .fusion import build_fusion
 from .tabular import TabAE, TabTokens
 
@@ -26,8 +28,12 @@ class ModelSpec:
     num_numeric: int
     cardinalities: list[int]
     cat_embedding_dim: int
-    num_classes: int
+    num_classes: int  # outputs of the head: the classes, or 1 for a regression
     encoder: str  # the name it was trained from (informational); the architecture is in encoder/config.json
+    # a model_spec.json without these fields (written before regression existed) is a classifier
+    task: str = CLASSIFICATION
+    target_mean: Optional[float] = None  # regression: scores() turns the output z into z * std + mean
+    target_std: Optional[float] = None
 
     def to_dict(self):
         return asdict(self)
@@ -107,6 +113,14 @@ def freeze_word_embeddings(model: MultimodalClassifier) -> int:
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
+
+
+def scores(outputs: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """The one "model outputs -> scores" function, float32 B x K: class probabilities (softmax), or for a
+    regression the B x 1 prediction in the target's original units (the train standardisation undone)."""
+    if spec.task == REGRESSION:
+        return outputs.float() * spec.target_std + spec.target_mean
+    return probabilities(outputs)
 
 
 def effective_fusion(requested: str, has_tab: bool) -> str:

@@ -16,7 +16,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from ..artifact import PREPROCESSING, WEIGHTS, save_artifact
@@ -35,9 +34,10 @@ from ..distributed.parallel import (
     resolve_plan,
 )
 from ..errors import ConfigError
-from ..metrics import compute_metrics
+from ..metrics import task_metrics
 from ..models.text_encoder import position_limit
 from ..scoring import predict, run_model
+from ..task import VAL_LOSS, loss_function, metric_mode_of, metric_of
 from .optim import build_optimizer, build_scheduler
 from .resume import check_resumable, describe_replan, plan_lr
 from .rundir import OutputLock, claim_output_dir, probe_writable
@@ -156,13 +156,13 @@ class TrainState:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-def _metric_key(cfg: Config, metrics: dict) -> float:
-    key = cfg.train.metric
+def _metric_key(cfg: Config, metrics: dict, task: str) -> float:
+    key = metric_of(cfg)
     if key not in metrics and key == "val_loss":
-        key = "log_loss"
+        key = VAL_LOSS[task]
     if key not in metrics:
         options = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-        raise ConfigError(f"config key 'train.metric': '{cfg.train.metric}' is not a validation metric ({', '.join(options)})")
+        raise ConfigError(f"config key 'train.metric': '{key}' is not a validation metric ({', '.join(options)})")
     v = metrics[key]
     return float("nan") if v is None else float(v)
 
@@ -278,6 +278,7 @@ class Trainer:
                               f"'{dc.label_column}' has {pre.num_classes} classes {pre.classes}")
         self.class_weights = (torch.tensor(tc.class_weights, dtype=torch.float32, device=self.env.device)
                               if tc.class_weights else None)
+        self.loss = loss_function(self.cfg, pre, self.class_weights)  # (outputs, labels) -> summed loss
 
     def build_model(self):
         """Identical initialisation on every rank, then wrapped; the optimizer over the wrapped parameters."""
@@ -396,8 +397,7 @@ class Trainer:
         for m, hb in enumerate(host):
             batch = move_batch(hb, env.device)
             with grad_sync(self.model, self.plan, sync=(m == tc.grad_accum - 1)):
-                logits = run_model(self.model, batch)
-                ls = F.cross_entropy(logits.float(), batch["labels"], weight=weights, reduction="sum")
+                ls = self.loss(run_model(self.model, batch), batch["labels"])
                 (ls * env.world_size / denom).backward()  # DDP/FSDP average gradients over W ranks
             loss_sum += ls.detach()
         grad_norm = clip_grad_norm(self.params, tc.max_grad_norm)
@@ -434,20 +434,21 @@ class Trainer:
     def evaluate(self):
         """Collective: score val on every rank, log it, keep best/ and count towards early stopping."""
         tc, env, state, val_ds = self.tc, self.env, self.state, self.val_ds
-        _, _, probs = predict(self.model, val_ds, env.rank, env.world_size, env.device,
+        _, _, scores = predict(self.model, val_ds, env.rank, env.world_size, env.device,
                               tc.eval_batch_size or 2 * tc.batch_size, self.pad_id, progress=False)
-        metrics = compute_metrics(val_ds.enc.labels, probs, self.pre.class_names)
+        metrics = task_metrics(val_ds.enc.labels, scores, self.pre)
         state.last_eval_step = state.step
         self.mlog.write({"step": state.step, "epoch": state.epoch, "split": "val",
                          **{k: v for k, v in metrics.items() if k != "classes"}})
-        value = _metric_key(self.cfg, metrics)
+        value = _metric_key(self.cfg, metrics, self.pre.task)
         if not math.isfinite(value):
             log.warning("eval step %d: val %s is undefined (%s; e.g. one class in the val split): not used for "
                         "best-model selection or early stopping", state.step, tc.metric, value)
         log.info("eval step %d: %s", state.step, " ".join(
-            f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc")
+            f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc", "rmse",
+                                              "mae", "r2", "spearman")
             if isinstance(metrics.get(k), float)))
-        if improves(value, state.best_metric, tc.metric_mode):
+        if improves(value, state.best_metric, metric_mode_of(self.cfg)):
             state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
             if tc.select_best:
                 self.save_model(self.best_dir)

@@ -1,0 +1,94 @@
+"""What differs between the two tasks, classification and regression, in one place: which task a data config
+means, the loss and validation metric a training config resolves to, and the loss function itself. Everything
+else (scoring, gathering, files) handles a B x K score array, with K = 1 for a regression's prediction."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .errors import ConfigError
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+LOSSES = {CLASSIFICATION: ("cross_entropy",), REGRESSION: ("mse", "huber")}
+# validation metrics train.metric may name (binary and multiclass keys both: the class count is known only once
+# the train split is read); val_loss is the task's own loss metric (log_loss / mse)
+METRICS = {
+    CLASSIFICATION: ("roc_auc", "pr_auc", "accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro",
+                     "precision_macro", "recall_macro", "mcc", "log_loss", "best_threshold_f1", "val_loss"),
+    REGRESSION: ("rmse", "mae", "mse", "r2", "spearman", "val_loss"),
+}
+VAL_LOSS = {CLASSIFICATION: "log_loss", REGRESSION: "mse"}
+DEFAULT_METRIC = {CLASSIFICATION: "roc_auc", REGRESSION: "rmse"}
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "mse", "log_loss", "val_loss"})
+
+
+def task_of(data_cfg) -> str:
+    """data.task, with auto meaning regression exactly when data.label_type is float."""
+    if data_cfg.task == "auto":
+        return REGRESSION if data_cfg.label_type == "float" else CLASSIFICATION
+    return data_cfg.task
+
+
+def validate_task(cfg) -> None:
+    """The task's cross-key rules; fills in train.metric / train.metric_mode when they were left out."""
+    d, t = cfg.data, cfg.train
+    task = task_of(d)
+    if task == CLASSIFICATION and d.label_type == "float":
+        raise ConfigError("config key 'data.label_type': float labels mean regression, but data.task is "
+                          "classification")
+    if task == REGRESSION:
+        if d.label_type not in ("auto", "float"):
+            raise ConfigError(f"config key 'data.label_type': '{d.label_type}' is a classification label type; a "
+                              f"regression target is read as float (use auto or float)")
+        if d.labels is not None:
+            raise ConfigError("config key 'data.labels' pins a class list, which a regression target has none of")
+        if t.class_weights is not None:
+            raise ConfigError("config key 'train.class_weights' does not apply to a regression task")
+    if t.loss != "auto" and t.loss not in LOSSES[task]:
+        raise ConfigError(f"config key 'train.loss': '{t.loss}' is not a {task} loss (valid: auto, "
+                          f"{', '.join(LOSSES[task])})")
+    if not t.huber_delta > 0:
+        raise ConfigError(f"config key 'train.huber_delta' must be > 0, got {t.huber_delta}")
+    if t.metric is not None and t.metric not in METRICS[task]:
+        raise ConfigError(f"config key 'train.metric': '{t.metric}' is not a {task} metric (valid: "
+                          f"{', '.join(METRICS[task])})")
+    t.metric, t.metric_mode = metric_of(cfg), metric_mode_of(cfg)
+
+
+def loss_of(cfg) -> str:
+    return cfg.train.loss if cfg.train.loss != "auto" else LOSSES[task_of(cfg.data)][0]
+
+
+def metric_of(cfg) -> str:
+    return cfg.train.metric or DEFAULT_METRIC[task_of(cfg.data)]
+
+
+def metric_mode_of(cfg) -> str:
+    """train.metric_mode, else max for classification (as it always was) and the metric's direction for
+    regression."""
+    if cfg.train.metric_mode:
+        return cfg.train.metric_mode
+    if task_of(cfg.data) == CLASSIFICATION:
+        return "max"
+    return "min" if metric_of(cfg) in LOWER_IS_BETTER else "max"
+
+
+def loss_function(cfg, pre, class_weights=None) -> Callable:
+    """(model outputs, batch labels) -> the summed loss of the batch: cross-entropy on the logits, or MSE /
+    Huber between the single output and the target standardised with the train split's mean and std."""
+    import torch.nn.functional as F
+
+    name = loss_of(cfg)
+    if name == "cross_entropy":
+        return lambda out, y: F.cross_entropy(out.float(), y, weight=class_weights, reduction="sum")
+    mean, std = pre.target_mean, pre.target_std
+
+    def regression_loss(out, y):
+        z = ((y.double() - mean) / std).float()
+        if name == "huber":
+            return F.huber_loss(out.float().squeeze(-1), z, delta=cfg.train.huber_delta, reduction="sum")
+        return F.mse_loss(out.float().squeeze(-1), z, reduction="sum")
+
+    return regression_loss
+

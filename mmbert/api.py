@@ -191,10 +191,8 @@ def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
         return _load_model_dir(path, trust_remote_code, device)
     if os.path.isfile(os.path.join(path, "model.onnx")):
         return _load_export(path, threads)
-    if os.path.isfile(os.path.join(path, ENSEMBLE_FILE)):
-        return _load_model_dir(path, trust_remote_code, device)
-    if os.path.isfile(os.path.join(path, "final", "model_spec.json")):
-        return _load_model_dir(os.path.join(path, "final"), trust_remote_code, device)
+    if os.path.isfile(os.path.join(path, ENSEMBLE_FILE)) or os.path.isfile(os.path.join(path, "final", "model_spec.json")):
+        return _load_model_dir(path, trust_remote_code, device)  # ensemble.resolve_model_dirs: members / final/
     raise ArtifactError(f"{path} is neither a model directory (model_spec.json + model.safetensors), an export "
                         f"(model.onnx), an ensemble ({ENSEMBLE_FILE}) nor a finished run (final/)")
 

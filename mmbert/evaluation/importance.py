@@ -15,7 +15,6 @@ every rank computes the same numbers; the row subset and the permutations come f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ import pandas as pd
 from ..data.dataset import TableDataset
 from ..data.preprocess import Encoded, Z_MAX
 from ..data.tokenize import chunk_tokenize, pad_id
+from ..metrics import compute_metrics, compute_regression_metrics
 from ..scoring import predict
 from ..task import CLASSIFICATION, REGRESSION
 from .rows import select_rows
@@ -43,23 +43,16 @@ FILES = (IMPORTANCE_JSON, IMPORTANCE_PNG)
 # ----------------------------------------------------------------------------- the pure parts
 
 def primary_metric(labels: np.ndarray, probs: np.ndarray, task: str = CLASSIFICATION) -> tuple[str, float, bool]:
-    """(name, value, higher_is_better) of the model's primary metric: for a regression RMSE; else ROC-AUC
-    (binary; macro one-vs-rest beyond two classes), or log loss where ROC-AUC is undefined (a class absent
-    from the rows). The choice depends on the labels only, so the baseline and every permuted scoring use the
-    same metric."""
-    from sklearn.metrics import log_loss, roc_auc_score
-
+    """(name, value, higher_is_better) of the model's primary metric, read from the metrics evaluation
+    reports (mmbert/metrics.py): for a regression RMSE; else ROC-AUC (binary; macro one-vs-rest beyond two
+    classes), or log loss where ROC-AUC is undefined (a class absent from the rows). The choice depends on the
+    labels only, so the baseline and every permuted scoring use the same metric."""
     if task == REGRESSION:
-        err = np.asarray(probs, dtype=np.float64)[:, 0] - np.asarray(labels, dtype=np.float64)
-        return "rmse", float(np.sqrt(np.mean(err ** 2))), False
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = probs.shape[1]
-    if len(np.unique(labels)) == k:
-        if k == 2:
-            return "roc_auc", float(roc_auc_score(labels, probs[:, 1])), True
-        return "roc_auc", float(roc_auc_score(labels, probs, multi_class="ovr", average="macro")), True
-    return "log_loss", float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(k)))), False
+        return "rmse", compute_regression_metrics(labels, np.asarray(probs)[:, 0])["rmse"], False
+    m = compute_metrics(labels, probs, [str(j) for j in range(np.asarray(probs).shape[1])])
+    if m["roc_auc"] is not None:
+        return "roc_auc", m["roc_auc"], True
+    return "log_loss", m["log_loss"], False
 
 
 def drop(baseline: float, value: float, higher_is_better: bool) -> float:
@@ -223,12 +216,10 @@ def run_importance(args: argparse.Namespace, env, scorer: Callable, pre, tokeniz
 
 
 def write_importance(out: str, result: dict, plot: bool = True) -> list[str]:
-    from .run import _json_safe
+    from .run import write_json
 
     path = os.path.join(out, IMPORTANCE_JSON)
-    with open(path + ".tmp", "w") as f:
-        json.dump(_json_safe(result), f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, result)
     if not plot:
         return [path]
     plot_importance(result, os.path.join(out, IMPORTANCE_PNG))

@@ -60,7 +60,7 @@ RANK_FILE = "test_result_rank{}.tsv"
 def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
     """(scorer, preprocessor, tokenizer) from the model directory: the consolidated safetensors weights
     in a plain model on this rank's device (an ensemble of them with several directories)."""
-    md = open_models(getattr(args, "model_dirs", None) or args.model_dir, args.trust_remote_code)
+    md = open_models(model_dirs(args), args.trust_remote_code)
     md.model.to(env.device)
     return torch_scorer(md.model, env.device), md.pre, md.tokenizer
 
@@ -213,9 +213,14 @@ def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = N
         cleanup()
 
 
+def model_dirs(args: argparse.Namespace) -> list[str]:
+    """The model directories scored: an ensemble's members (cli.set_model_dirs), or the one --model-dir."""
+    return getattr(args, "model_dirs", None) or [args.model_dir]
+
+
 def model_name(args: argparse.Namespace) -> str:
     """What scores the rows, for messages: the export, the model directory, or the ensemble's members."""
-    dirs = getattr(args, "model_dirs", None) or [args.model_dir]
+    dirs = model_dirs(args)
     if args.onnx or len(dirs) == 1:
         return args.onnx or dirs[0]
     return f"ensemble of {len(dirs)} ({', '.join(dirs)})"
@@ -230,7 +235,7 @@ def prepare_output_dir(args: argparse.Namespace) -> str:
     if not getattr(args, "onnx", None):
         from ..artifact import require_model_dir
 
-        for d in getattr(args, "model_dirs", None) or [args.model_dir]:
+        for d in model_dirs(args):
             require_model_dir(d)  # named before any data error, as load_artifact would
     return out
 
@@ -283,14 +288,18 @@ def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: Ta
         result["per_class"] = per_class_report(labels, probs, pre.class_names)
     # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
     result["data_report"] = ds.enc.report
-    dirs = getattr(args, "model_dirs", None) or [args.model_dir]
-    result["run"] = {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "onnx": args.onnx, "data": sel.file, "rows": sel.description,
-                     "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
-    tmp = os.path.join(args.output_dir, METRICS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(result), f, indent=1)
-    os.replace(tmp, os.path.join(args.output_dir, METRICS))
+    dirs = model_dirs(args)
+    result["run"] = {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "onnx": args.onnx, "data": sel.file,
+                     "rows": sel.description, "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
+    write_json(os.path.join(args.output_dir, METRICS), result)
     return result
+
+
+def write_json(path: str, obj: dict):
+    """`obj` as JSON (NaN/inf as null), written whole or not at all."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(_json_safe(obj), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, pre, metrics: dict,

@@ -6,7 +6,10 @@ opt-in lean step (attention dropout 0, frozen word embeddings); same model, 2 ra
     python benchmarks/throughput.py                       # ~12 min on 2 CPU cores
     python benchmarks/throughput.py --repeats 1 --steps 4 # quick look, ~2.5 min
     # against the seed design's plain DDP step, per strategy and FSDP wrap policy (ratios to `seed`)
+    python benchmarks/throughput.py --modes strategies     # the same, every wrap policy, as before, lean; ~17 min
     python benchmarks/throughput.py --modes seed,bucketed@ddp,bucketed@fsdp/class,bucketed@fsdp/none
+    # FSDP as it was before issue 18 (resharding after forward, gloo's own all-gather / reduce-scatter)
+    python benchmarks/throughput.py --modes seed,bucketed@fsdp/class:full+native,bucketed@fsdp
 
 Each (repeat, mode) is one `torchrun train.py` job (DDP by default, batch 16/rank, max_tokens 128,
 max_chunks 1); modes are interleaved (A B C A B C ...) so slow phases of a shared machine hit all of
@@ -54,15 +57,26 @@ MODES = {  # name -> extra train.py --set overrides
     # random batches, DDP and AdamW with their defaults; the reference of the ratios when listed
     "seed": [*PRETRAINED],
 }
-FIXED = ("fixed128", "seed")  # modes whose texts are padded to max_tokens
+FIXED = ("fixed128", "seed")
+PRESETS = {  # --modes NAME
+    "padding": ",".join(m for m in MODES if m != "seed"),  # issue 7: what padding and the lean step cost
+    # issue 18: the seed's DDP step against mmbert's DDP and FSDP (each wrap policy; FSDP as it was before)
+    "strategies": "seed,bucketed@ddp,bucketed@fsdp/class,bucketed@fsdp/size,bucketed@fsdp/none,"
+                  "bucketed@fsdp/class:full+native,bucketed_lean@ddp,bucketed_lean@fsdp",
+}  # modes whose texts are padded to max_tokens
 
 
-def mode_parts(mode: str) -> tuple[str, Optional[str], Optional[str]]:
-    """MODE[@STRATEGY[/WRAP]] -> (MODE, strategy or None for --strategy, dist.wrap_policy or None): e.g.
-    bucketed@fsdp/size, bucketed@ddp, so one run compares strategies and wrap policies."""
+def mode_parts(mode: str) -> tuple[str, Optional[str], list[str]]:
+    """MODE[@STRATEGY[/WRAP][:SHARDING][+COLLECTIVES]] -> (MODE, strategy or None for --strategy, dist.*
+    overrides): e.g. bucketed@ddp, bucketed@fsdp/size, bucketed@fsdp/class:full+native (FSDP as it was before
+    issue 18), so one run compares strategies, wrap policies, sharding and collectives."""
     base, _, where = mode.partition("@")
+    where, _, collectives = where.partition("+")
+    where, _, sharding = where.partition(":")
     strategy, _, wrap = where.partition("/")
-    return base, strategy or None, wrap or None
+    sets = [f"dist.{k}={v}" for k, v in (("wrap_policy", wrap), ("sharding", sharding), ("collectives", collectives))
+            if v]
+    return base, strategy or None, sets
 
 
 def epoch_lengths(a):
@@ -114,8 +128,8 @@ def pick_seeds(lengths, mode: str, a, base: int, count: int, candidates: int = 4
 
 def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
     before = common.measure_matmul(a.nproc, a.threads, a.matmul_seconds)
-    base, strategy, wrap = mode_parts(mode)
-    sets = [*MODES[base], *a.set] + ([f"dist.wrap_policy={wrap}"] if wrap else [])
+    base, strategy, dist_sets = mode_parts(mode)
+    sets = [*MODES[base], *a.set, *dist_sets]
     if base == "seed":
         args = [os.path.join("benchmarks", "seed_ddp.py"), "--config", a.config, "--output-dir", out_dir,
                 "--max-steps", str(a.warmup + a.steps), "--batch-size", str(a.batch_size), "--max-tokens",
@@ -165,8 +179,9 @@ def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/womens_clothing.yaml")
-    ap.add_argument("--modes", default=",".join(m for m in MODES if m != "seed"),
-                    help=f"comma list of {', '.join(MODES)}, each optionally @STRATEGY[/WRAP] (bucketed@fsdp/size)")
+    ap.add_argument("--modes", default="padding",
+                    help=f"a preset ({', '.join(PRESETS)}) or a comma list of {', '.join(MODES)}, each optionally "
+                         "@STRATEGY[/WRAP][:SHARDING][+COLLECTIVES] (bucketed@fsdp/size, bucketed@fsdp/class:full+native)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8, help="measured steps per job")
     ap.add_argument("--warmup", type=int, default=2, help="skipped steps per job")
@@ -184,7 +199,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="extra train.py override")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "benchmarks", "results", "throughput.json"))
     a = ap.parse_args()
-    modes = [m.strip() for m in a.modes.split(",")]
+    modes = [m.strip() for m in PRESETS.get(a.modes, a.modes).split(",")]
     cores = len(os.sched_getaffinity(0))
     a.threads = a.threads or max(1, cores // a.nproc)
 

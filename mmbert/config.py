@@ -140,10 +140,12 @@ class DistConfig:
     wrap_policy: Optional[Literal["class", "size", "class+size", "none"]] = None
     wrap_classes: Optional[list[str]] = None  # default: the encoder's _no_split_modules
     min_params: Optional[int] = None
-    sharding: Optional[Literal["full", "shard_grad_op", "hybrid"]] = None
+    sharding: Optional[Literal["auto", "full", "shard_grad_op", "hybrid"]] = None  # None: accelerate env or auto
     mixed_precision: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = None
     activation_checkpointing: Optional[bool] = None
     cpu_offload: Optional[bool] = None
+    # FSDP's all-gather / reduce-scatter on gloo: point-to-point exchanges (None: p2p) or gloo's own
+    collectives: Optional[Literal["p2p", "native"]] = None
     timeout_s: int = 600
 
 

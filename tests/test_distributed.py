@@ -106,6 +106,28 @@ def test_fsdp_checkpoint_resume_across_world_sizes(config, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_sharding_and_collectives_change_speed_not_results(config, tmp_path):
+    """The defaults (sharding auto, which keeps this small model unsharded from forward to backward; point-to-
+    point collectives on gloo) against resharding after forward and gloo's own all-gather / reduce-scatter:
+    on 2 ranks every variant moves the same bytes and sums 2 terms, so the weights are equal bit for bit."""
+    runs = {"default": [], "full_native": ["--set", "dist.sharding=full", "--set", "dist.collectives=native"],
+            "full_p2p": ["--set", "dist.sharding=full"]}
+    logs = {}
+    for name, extra in runs.items():
+        r = run_cli(["train.py", "--config", config, "--strategy", "fsdp", "--max-steps", "3", "--batch-size", "8",
+                     "--output-dir", str(tmp_path / name), *extra], nproc=2)
+        logs[name] = r.stdout + r.stderr
+    assert "sharding=shard_grad_op" in logs["default"] and "collectives=p2p" in logs["default"]
+    assert "sharding=full" in logs["full_native"] and "collectives=native" in logs["full_native"]
+    ref = load_file(tmp_path / "default" / "final" / "model.safetensors")
+    for name in ("full_native", "full_p2p"):
+        w = load_file(tmp_path / name / "final" / "model.safetensors")
+        assert set(w) == set(ref)
+        assert all(torch.equal(w[k], ref[k]) for k in ref), name
+        assert losses(tmp_path / name) == losses(tmp_path / "default"), name
+
+
+@pytest.mark.slow
 def test_frozen_word_embeddings_stay_fixed_and_fsdp_still_matches_none(config, no_dropout_bert, tmp_path):
     """model.freeze_word_embeddings under FSDP2 (frozen and trained parameters in one shard group), with a
     checkpoint and resume in between: the table ends bit-identical to the pretrained one, everything else

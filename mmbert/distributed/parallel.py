@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .env import DistEnv
+from .p2p_comm import use_p2p_collectives
 
 log = logging.getLogger("mmbert")
 
@@ -22,6 +23,7 @@ _ACC_SHARD = {"FULL_SHARD": "full", "1": "full", "SHARD_GRAD_OP": "shard_grad_op
               "HYBRID_SHARD": "hybrid", "4": "hybrid", "_HYBRID_SHARD_ZERO2": "hybrid", "5": "hybrid"}
 _ACC_PRECISION = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_MIN_PARAMS = 1_000_000
+AUTO_UNSHARDED_FRACTION = 0.10  # dist.sharding auto: the most of a rank's memory that unsharded parameters may take
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ParallelPlan:
     mixed_precision: str  # fp32 | bf16 | fp16
     activation_checkpointing: bool
     cpu_offload: bool
+    collectives: str = "p2p"  # gloo FSDP all-gather / reduce-scatter: p2p (mmbert.distributed.p2p_comm) | native
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -60,7 +63,8 @@ def resolve_plan(dcfg, device: torch.device) -> ParallelPlan:
             min_params = DEFAULT_MIN_PARAMS
     sharding = dcfg.sharding or _ACC_SHARD.get(env.get("FSDP_SHARDING_STRATEGY", "").upper())
     if sharding is None:
-        sharding = "shard_grad_op" if _env_bool("FSDP_RESHARD_AFTER_FORWARD") is False else "full"
+        reshard = _env_bool("FSDP_RESHARD_AFTER_FORWARD")
+        sharding = "auto" if reshard is None else ("full" if reshard else "shard_grad_op")
     precision = dcfg.mixed_precision or _ACC_PRECISION.get(env.get("ACCELERATE_MIXED_PRECISION", "").lower(), "auto")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmul is far slower than fp32 on CPUs
@@ -74,7 +78,8 @@ def resolve_plan(dcfg, device: torch.device) -> ParallelPlan:
         offload = bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
     if strategy != "fsdp" and offload:
         raise ConfigError("config key 'dist.cpu_offload' needs strategy fsdp")
-    return ParallelPlan(strategy, wrap, classes, min_params, sharding, precision, ac, offload)
+    return ParallelPlan(strategy, wrap, classes, min_params, sharding, precision, ac, offload,
+                        dcfg.collectives or "p2p")
 
 
 # ----------------------------------------------------------------------------- wrap policies
@@ -148,9 +153,29 @@ def build_mesh(env: DistEnv, sharding: str):
     return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
 
 
-def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+
+def resolve_sharding(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> str:
+    """`auto`: keep the parameters unsharded from forward to backward (`shard_grad_op`) when the whole model, at
+    the parameter dtype, takes at most AUTO_UNSHARDED_FRACTION of this rank's share of device memory; `full`
+    otherwise. Keeping them costs at most what DDP holds anyway and saves one all-gather of every unit per
+    step (on CPU the collectives run on the training thread, so that is step time, not overlapped time);
+    gradients and optimizer state stay sharded either way."""
+    if plan.sharding != "auto":
+        return plan.sharding
+    nbytes = sum(p.numel() for p in model.parameters()) * plan.param_dtype.itemsize
+    share = device_memory_bytes(env.device) // (env.local_world_size if env.device.type == "cpu" else 1)
+    return "shard_grad_op" if nbytes <= AUTO_UNSHARDED_FRACTION * share else "full"
+
+
+def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    plan.sharding = resolve_sharding(model, plan, env)
     mesh = build_mesh(env, plan.sharding)
     reshard = plan.sharding != "shard_grad_op"
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=torch.float32)
@@ -169,12 +194,17 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
                 _set_submodule(model, name, checkpoint_wrapper(model.get_submodule(name)))
     if plan.param_dtype != torch.float32:
         _keep_layernorms_fp32(model, common)
-    for name in units:
-        module = model.get_submodule(name)
-        fully_shard(getattr(module, "_checkpoint_wrapped_module", module), **common)
-    fully_shard(model, **common)
-    log.info("FSDP2: %d units + root, sharding=%s, precision=%s, activation_checkpointing=%s",
-             len(units), plan.sharding, plan.mixed_precision, plan.activation_checkpointing)
+    # Frozen parameters never change, so every rank keeps them whole (as DDP does) instead of all-gathering
+    # them every step; in fp32 only, where an ignored parameter's dtype matches its unit's compute dtype.
+    frozen = {p for p in model.parameters() if not p.requires_grad} if plan.param_dtype == torch.float32 else set()
+    for module in [model.get_submodule(name) for name in units] + [model]:
+        module = getattr(module, "_checkpoint_wrapped_module", module)
+        fully_shard(module, ignored_params={p for p in module.parameters() if p in frozen} or None, **common)
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    p2p = plan.collectives == "p2p" and use_p2p_collectives(sharded, mesh.get_group(-1))
+    log.info("FSDP2: %d units + root, sharding=%s, precision=%s, activation_checkpointing=%s, collectives=%s",
+             len(units), plan.sharding, plan.mixed_precision, plan.activation_checkpointing,
+             "p2p" if p2p else "native")
     return model
 
 

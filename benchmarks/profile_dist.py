@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Where a distributed training step's time goes, per strategy, on the same rows: the seed design's DDP step
+(fixed padding to max_tokens, DDP defaults, torch's AdamW) against mmbert's DDP and FSDP steps (each wrap
+policy / resharding choice), in ONE torchrun job so every variant sees the same machine and the same batches.
+
+    torchrun --nproc_per_node 2 benchmarks/profile_dist.py --steps 6
+    torchrun --nproc_per_node 2 benchmarks/profile_dist.py --variants seed,ddp,fsdp/class,fsdp/auto --torch-profile
+
+A variant is STRATEGY[/WRAP][:SHARDING][+COLLECTIVES] (ddp, fsdp/class, fsdp/none:shard_grad_op,
+fsdp/class:full+native) or `seed`.
+Per variant: medians over --steps measured steps (after --warmup) of each phase on rank 0, every phase
+ended by a barrier-free wall clock (host work: collate; forward; backward, which includes the gradient
+collectives it waits for; clip; optimizer; zero_grad) and the whole step; with --torch-profile, the
+profiler's self CPU time of the main thread grouped into matmul / attention / element-wise / collectives /
+FSDP copies / optimizer / other, over 2 further steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from mmbert.config import load_config  # noqa: E402
+
+LEAN = [("model.attention_dropout", 0.0), ("model.freeze_word_embeddings", True)]
+PHASES = ("collate", "forward", "backward", "clip", "optim", "zero_grad", "step")
+GROUPS = [  # profiler op name -> category, first match wins
+    ("collectives", ("gloo", "c10d", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "wait", "nccl")),
+    ("fsdp_copies", ("FSDP::", "split_with_sizes_copy", "chunk_cat", "_foreach_copy")),
+    ("optimizer", ("Optimizer.", "_fused_adam", "adamw", "_foreach")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "softmax", "baddbmm", "bmm")),
+    ("matmul", ("mm", "linear", "addmm", "matmul")),
+    ("dropout", ("bernoulli", "dropout", "native_dropout")),
+]
+
+
+def parse_variant(v: str) -> dict:
+    if v == "seed":
+        return {"name": v, "strategy": "seed", "wrap": None, "sharding": None, "collectives": None}
+    prefetch, fixed = v.endswith("^prefetch"), v.endswith("^fixed")
+    v_, _, collectives = v.removesuffix("^prefetch").removesuffix("^fixed").partition("+")
+    head, _, sharding = v_.partition(":")
+    strategy, _, wrap = head.partition("/")
+    return {"name": v, "strategy": strategy, "wrap": wrap or None, "sharding": sharding or None,
+            "collectives": collectives or None, "prefetch": prefetch, "fixed": fixed}
+
+
+def build(a, env, lean: bool):
+    from mmbert.assembly import build_run_data
+
+    over = [("data.max_tokens", a.max_tokens), ("data.max_chunks", 1), ("data.max_eval_rows", 1),
+            ("train.batch_size", a.batch_size)] + (LEAN if lean else [])
+    if a.rows:
+        over.append(("data.max_train_rows", a.rows))
+    cfg = load_config(a.config, over)
+    return cfg, build_run_data(cfg, with_val=False, env=env)
+
+
+def make_model(cfg, data, var: dict, env):
+    """The variant's wrapped model and optimizer, from the same pretrained weights."""
+    from mmbert.assembly import build_run_model, model_spec
+    from mmbert.distributed.parallel import parallelize, resolve_plan
+    from mmbert.training.optim import build_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_run_model(cfg, model_spec(cfg, data.pre))
+    if var["strategy"] == "seed":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay)
+        return wrapped, opt, None
+    d = cfg.dist
+    d.strategy, d.wrap_policy, d.sharding, d.collectives = (var[k] for k in ("strategy", "wrap", "sharding",
+                                                                           "collectives"))
+    plan = resolve_plan(cfg.dist, env.device)
+    wrapped = parallelize(model, plan, env)
+    if var.get("prefetch"):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in wrapped.modules() if isinstance(m, FSDPModule) and m is not wrapped]
+        for a_, b_ in zip(units, units[1:]):
+            a_.set_modules_to_forward_prefetch([b_])
+        wrapped._set_unshard_async_op(True)
+    return wrapped, build_optimizer(wrapped, cfg.train), plan
+
+
+def step_fn(a, cfg, data, var, env, model, opt):
+    from mmbert.data.dataset import batch_token_counts, collate
+    from mmbert.data.samplers import epoch_order, micro_batch
+    from mmbert.distributed.parallel import clip_grad_norm
+    from mmbert.scoring import run_model
+
+    ds, W, B = data.train, env.world_size, a.batch_size
+    # the same rows for every variant: length-bucketed batches, or random ones with --random-rows
+    order = epoch_order(len(ds), 0, a.seed, None if a.random_rows else ds.lengths, cfg.train.bucket_block)
+    pad_to = (1, a.max_tokens) if var["strategy"] == "seed" or var.get("fixed") else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step(i):
+        t = [time.perf_counter()]
+        b = collate(ds, micro_batch(order, i * B * W, 0, env.rank, W, B), data.pad_id, pad_to)
+        counts = batch_token_counts(b)
+        t.append(time.perf_counter())
+        loss = torch.nn.functional.cross_entropy(run_model(model, b).float(), b["labels"])
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        if var["strategy"] != "seed":
+            clip_grad_norm(params, cfg.train.max_grad_norm)
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        times = [t[k + 1] - t[k] for k in range(len(t) - 1)] + [t[-1] - t[0]]
+        return times, counts
+
+    return step
+
+
+def group_profile(prof) -> dict:
+    """Self CPU seconds per category (all threads of this rank)."""
+    out = {name: 0.0 for name, _ in GROUPS}
+    out["other"] = 0.0
+    for e in prof.key_averages():
+        key = e.key
+        cat = next((name for name, pats in GROUPS if any(p in key for p in pats)), "other")
+        out[cat] += e.self_cpu_time_total / 1e6
+    return out
+
+
+def run_variant(a, env, var: dict, cache: dict) -> dict:
+    lean = a.lean
+    if lean not in cache:
+        cache[lean] = build(a, env, lean)
+    cfg, data = cache[lean]
+    model, opt, plan = make_model(cfg, data, var, env)
+    step = step_fn(a, cfg, data, var, env, model, opt)
+    torch.manual_seed(a.seed + 1000 * env.rank)
+    for i in range(a.warmup):
+        step(i)
+    dist.barrier()
+    phases = {k: [] for k in PHASES}
+    real = padded = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(a.warmup, a.warmup + a.steps):
+        times, (r, p) = step(i)
+        real, padded = real + r, padded + p
+        for k, v in zip(PHASES, times):
+            phases[k].append(v)
+    dist.barrier()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tot = torch.tensor([float(real), float(padded)])
+    dist.all_reduce(tot)
+    res = {"variant": var["name"], "plan": vars(plan) if plan else None, "wall_s": wall, "cpu_s": cpu,
+           "samples_per_s": a.steps * a.batch_size * env.world_size / wall,
+           "real_tokens_per_s": float(tot[0]) / wall, "padded_tokens_per_s": float(tot[1]) / wall,
+           "phases_ms": {k: 1000 * statistics.median(v) for k, v in phases.items()}}
+    if a.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(a.warmup + a.steps, a.warmup + a.steps + 2):
+                step(i)
+        res["profile_s"] = group_profile(prof)
+        if env.is_main and a.table:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.table), flush=True)
+    del model, opt
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="womens_clothing")
+    ap.add_argument("--variants", default="seed,ddp,fsdp/class,fsdp/none")
+    ap.add_argument("--lean", action="store_true", help="attention dropout 0 and a frozen word table")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--random-rows", action="store_true", help="random batches instead of length-bucketed ones")
+    ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("--table", type=int, default=0, help="print the profiler's top N ops per variant")
+    ap.add_argument("--out", default=None, help="write the results as JSON")
+    a = ap.parse_args()
+
+    from mmbert.distributed.env import cleanup, init_distributed
+
+    env = init_distributed(1800)
+    cache: dict = {}
+    results = []
+    for v in a.variants.split(","):
+        res = run_variant(a, env, parse_variant(v.strip()), cache)
+        results.append(res)
+        if env.is_main:
+            ph = " ".join(f"{k}={x:.0f}" for k, x in res["phases_ms"].items())
+            print(f"{res['variant']:<28} {res['samples_per_s']:6.2f} samples/s {res['padded_tokens_per_s']:6.0f} "
+                  f"pad tok/s {res['real_tokens_per_s']:6.0f} real tok/s | ms: {ph}", flush=True)
+            if "profile_s" in res:
+                print(" " * 29 + "profile s: " + " ".join(f"{k}={x:.2f}" for k, x in res["profile_s"].items()),
+                      flush=True)
+    if env.is_main and a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "world_size": env.world_size, "results": results}, f, indent=1)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,10 +4,12 @@
 policy / resharding choice), in ONE torchrun job so every variant sees the same machine and the same batches.
 
     torchrun --nproc_per_node 2 benchmarks/profile_dist.py --steps 6
-    torchrun --nproc_per_node 2 benchmarks/profile_dist.py --variants seed,ddp,fsdp/class,fsdp/auto --torch-profile
+    torchrun --nproc_per_node 2 benchmarks/profile_dist.py --variants seed,ddp,fsdp/class:full+native --torch-profile
+    torchrun --nproc_per_node 2 benchmarks/profile_dist.py --collectives --variants ddp   # + gloo vs p2p collectives
 
-A variant is STRATEGY[/WRAP][:SHARDING][+COLLECTIVES] (ddp, fsdp/class, fsdp/none:shard_grad_op,
-fsdp/class:full+native) or `seed`.
+A variant is STRATEGY[/WRAP][:SHARDING][+COLLECTIVES][^fixed|^prefetch] (ddp, fsdp/class,
+fsdp/none:shard_grad_op, fsdp/class:full+native; ^fixed pads to max_tokens, ^prefetch turns on FSDP's explicit
+forward prefetch with asynchronous all-gathers) or `seed`.
 Per variant: medians over --steps measured steps (after --warmup) of each phase on rank 0, every phase
 ended by a barrier-free wall clock (host work: collate; forward; backward, which includes the gradient
 collectives it waits for; clip; optimizer; zero_grad) and the whole step; with --torch-profile, the
@@ -182,6 +184,33 @@ def run_variant(a, env, var: dict, cache: dict) -> dict:
     return res
 
 
+def time_collectives(env, numel: int, repeats: int = 5) -> dict:
+    """Median ms of gloo's all-reduce, all-gather and reduce-scatter of `numel` fp32 values (the model's
+    parameter count) against mmbert's point-to-point all-gather / reduce-scatter, on this group."""
+    from mmbert.distributed.p2p_comm import P2PAllGather, P2PReduceScatter
+
+    W, group = env.world_size, dist.group.WORLD
+    numel -= numel % W
+    full, shard, out = torch.randn(numel), torch.empty(numel // W), torch.empty(numel // W)
+    avg = dist.ReduceOp.AVG
+    ops = {"all_reduce (gloo)": lambda: dist.all_reduce(full),
+           "reduce_scatter (gloo)": lambda: dist.reduce_scatter_single(out, full, op=avg),
+           "reduce_scatter (p2p)": lambda: P2PReduceScatter()(out, full, group, avg),
+           "all_gather (gloo)": lambda: dist.all_gather_single(full, shard),
+           "all_gather (p2p)": lambda: P2PAllGather()(full, shard, group)}
+    res = {}
+    for name, op in ops.items():
+        op()
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+        res[name] = 1000 * statistics.median(times)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="womens_clothing")
@@ -194,16 +223,31 @@ def main():
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--random-rows", action="store_true", help="random batches instead of length-bucketed ones")
+    ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) on every rank")
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--table", type=int, default=0, help="print the profiler's top N ops per variant")
+    ap.add_argument("--collectives", action="store_true",
+                    help="first time gloo's collectives against the point-to-point ones at the model's size")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     a = ap.parse_args()
 
     from mmbert.distributed.env import cleanup, init_distributed
 
     env = init_distributed(1800)
+    if a.flush_denormal:
+        torch.set_flush_denormal(True)
     cache: dict = {}
     results = []
+    collectives = None
+    if a.collectives:
+        cfg, data = cache.setdefault(a.lean, build(a, env, a.lean))
+        from mmbert.assembly import build_run_model, model_spec
+
+        numel = sum(p.numel() for p in build_run_model(cfg, model_spec(cfg, data.pre)).parameters())
+        collectives = time_collectives(env, numel)
+        if env.is_main:
+            print(f"collectives of {numel * 4 / 2**20:.0f} MiB (the model's fp32 parameters) on {env.world_size} ranks:",
+                  ", ".join(f"{k} {v:.1f} ms" for k, v in collectives.items()), flush=True)
     for v in a.variants.split(","):
         res = run_variant(a, env, parse_variant(v.strip()), cache)
         results.append(res)
@@ -216,7 +260,8 @@ def main():
                       flush=True)
     if env.is_main and a.out:
         with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "world_size": env.world_size, "results": results}, f, indent=1)
+            json.dump({"args": vars(a), "world_size": env.world_size, "collectives_ms": collectives,
+                       "results": results}, f, indent=1)
     cleanup()
 
 

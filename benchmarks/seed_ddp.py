@@ -67,6 +67,7 @@ def main():
     cfg, data, model = build(a, env)
     torch.manual_seed(a.seed + 1000 * env.rank)
     ddp = DDP(model)
+    ddp.train()  # from_pretrained leaves the encoder in eval mode (no dropout); Lightning's fit loop trains
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                             weight_decay=cfg.train.weight_decay)
     ds, W, B = data.train, env.world_size, a.batch_size

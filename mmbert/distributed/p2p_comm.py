@@ -19,7 +19,14 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+try:  # FSDP2's custom-collective interface (recent torch); an older torch keeps gloo's own collectives
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+except ImportError:  # pragma: no cover - depends on the installed torch
+    AllGather = ReduceScatter = object  # type: ignore[misc,assignment]
+
+# Each kind of exchange has its own tag: if ranks ever issued different collectives (a bug), gloo would
+# fail on a timeout instead of pairing one rank's parameters with another's gradient chunk of equal size.
+ALL_GATHER_TAG, REDUCE_SCATTER_TAG = 0x6D6D01, 0x6D6D02
 
 
 class _BatchWork(dist.Work):
@@ -42,16 +49,16 @@ class _BatchWork(dist.Work):
         return not self._works and self._finish is None
 
 
-def _exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group) -> list:
+def _exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group, tag: int) -> list:
     """isend sends[p] to / irecv recvs[p] from every group rank p, as one batch. Ops are listed in the same
     global order on every rank (by peer), so each pair's messages match whatever the interleaving."""
     ops = []
     for p in sorted(set(sends) | set(recvs)):
         peer = dist.get_global_rank(group, p)
         if p in sends:
-            ops.append(dist.P2POp(dist.isend, sends[p], peer, group))
+            ops.append(dist.P2POp(dist.isend, sends[p], peer, group, tag))
         if p in recvs:
-            ops.append(dist.P2POp(dist.irecv, recvs[p], peer, group))
+            ops.append(dist.P2POp(dist.irecv, recvs[p], peer, group, tag))
     return dist.batch_isend_irecv(ops) if ops else []
 
 
@@ -75,7 +82,7 @@ class P2PAllGather(_Alloc, AllGather):
         if input_tensor.data_ptr() != chunks[rank].data_ptr():  # FSDP copies its shard in place already
             chunks[rank].copy_(input_tensor)
         peers = [p for p in range(world) if p != rank]
-        works = _exchange({p: chunks[rank] for p in peers}, {p: chunks[p] for p in peers}, group)
+        works = _exchange({p: chunks[rank] for p in peers}, {p: chunks[p] for p in peers}, group, ALL_GATHER_TAG)
         return _done(_BatchWork(works), async_op)
 
 
@@ -97,13 +104,13 @@ class P2PReduceScatter(_Alloc, ReduceScatter):
             if op == dist.ReduceOp.AVG:
                 output_tensor.div_(world)
 
-        works = _exchange({p: chunks[p] for p in peers}, received, group)
+        works = _exchange({p: chunks[p] for p in peers}, received, group, REDUCE_SCATTER_TAG)
         return _done(_BatchWork(works, finish), async_op)
 
 
 def use_p2p_collectives(modules: list, group: dist.ProcessGroup) -> bool:
     """Give every FSDP module these collectives when its group is gloo with more than one rank."""
-    if group.size() < 2 or dist.get_backend(group) != "gloo":
+    if group.size() < 2 or dist.get_backend(group) != "gloo" or AllGather is object:
         return False
     for m in modules:
         m.set_custom_all_gather(P2PAllGather())

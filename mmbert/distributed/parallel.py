@@ -3,6 +3,7 @@ config first, then accelerate's FSDP_* / ACCELERATE_MIXED_PRECISION env vars, th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -154,9 +155,17 @@ def build_mesh(env: DistEnv, sharding: str):
 
 
 def device_memory_bytes(device: torch.device) -> int:
+    """GPU memory, or the host's RAM capped by this process's cgroup limit (containers, SLURM jobs)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                ram = min(ram, int(f.read().strip()))
+        except (OSError, ValueError):  # no such cgroup file, or "max": no limit
+            continue
+    return ram
 
 
 def resolve_sharding(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> str:
@@ -168,7 +177,9 @@ def resolve_sharding(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> str:
     if plan.sharding != "auto":
         return plan.sharding
     nbytes = sum(p.numel() for p in model.parameters()) * plan.param_dtype.itemsize
-    share = device_memory_bytes(env.device) // (env.local_world_size if env.device.type == "cpu" else 1)
+    share = device_memory_bytes(env.device) / (env.local_world_size if env.device.type == "cpu" else 1)
+    # every rank must choose alike (the choice decides which collectives it issues): the smallest share decides
+    share = -all_reduce_max(-share) if dist.is_initialized() else share
     return "shard_grad_op" if nbytes <= AUTO_UNSHARDED_FRACTION * share else "full"
 
 
@@ -196,10 +207,15 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
         _keep_layernorms_fp32(model, common)
     # Frozen parameters never change, so every rank keeps them whole (as DDP does) instead of all-gathering
     # them every step; in fp32 only, where an ignored parameter's dtype matches its unit's compute dtype.
-    frozen = {p for p in model.parameters() if not p.requires_grad} if plan.param_dtype == torch.float32 else set()
+    # (fully_shard's ignored_params is newer than torch 2.6: there the frozen parameters are sharded as before)
+    can_ignore = plan.param_dtype == torch.float32 and "ignored_params" in inspect.signature(fully_shard).parameters
+    frozen = {p for p in model.parameters() if not p.requires_grad} if can_ignore else set()
     for module in [model.get_submodule(name) for name in units] + [model]:
         module = getattr(module, "_checkpoint_wrapped_module", module)
-        fully_shard(module, ignored_params={p for p in module.parameters() if p in frozen} or None, **common)
+        ignored = {p for p in module.parameters() if p in frozen}
+        if ignored and all(p in ignored for p in module.parameters()) and module is not model:
+            continue  # nothing of this unit to shard (the size policy's own unit for a frozen word table)
+        fully_shard(module, **common, **({"ignored_params": ignored} if ignored else {}))
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     p2p = plan.collectives == "p2p" and use_p2p_collectives(sharded, mesh.get_group(-1))
     log.info("FSDP2: %d units + root, sharding=%s, precision=%s, activation_checkpointing=%s, collectives=%s",

@@ -28,6 +28,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -77,12 +78,9 @@ def make_model(cfg, data, var: dict, env):
     torch.manual_seed(cfg.train.seed)
     model = build_run_model(cfg, model_spec(cfg, data.pre))
     if var["strategy"] == "seed":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        from seed_ddp import seed_parallel
 
-        wrapped = DDP(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay)
-        return wrapped, opt, None
+        return (*seed_parallel(model, cfg), None)
     d = cfg.dist
     d.strategy, d.wrap_policy, d.sharding, d.collectives = (var[k] for k in ("strategy", "wrap", "sharding",
                                                                            "collectives"))

@@ -56,6 +56,16 @@ def build(a, env):
     return cfg, data, build_run_model(cfg, model_spec(cfg, data.pre))
 
 
+def seed_parallel(model, cfg):
+    """The seed's step around `model`: DDP with its defaults, in training mode, and torch's AdamW with one
+    learning rate (its default per-parameter loop on CPU). benchmarks/profile_dist.py's `seed` uses it too."""
+    ddp = DDP(model)
+    ddp.train()  # from_pretrained leaves the encoder in eval mode (no dropout); Lightning's fit loop trains
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
+    return ddp, opt
+
+
 def main():
     from mmbert.data.dataset import batch_token_counts, collate
     from mmbert.data.samplers import epoch_order, micro_batch
@@ -66,10 +76,7 @@ def main():
     env = init_distributed(1800)
     cfg, data, model = build(a, env)
     torch.manual_seed(a.seed + 1000 * env.rank)
-    ddp = DDP(model)
-    ddp.train()  # from_pretrained leaves the encoder in eval mode (no dropout); Lightning's fit loop trains
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+    ddp, opt = seed_parallel(model, cfg)
     ds, W, B = data.train, env.world_size, a.batch_size
     order = epoch_order(len(ds), 0, a.seed)  # random batches: train.py's order without bucketing
     os.makedirs(a.output_dir, exist_ok=True)

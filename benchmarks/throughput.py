@@ -57,13 +57,13 @@ MODES = {  # name -> extra train.py --set overrides
     # random batches, DDP and AdamW with their defaults; the reference of the ratios when listed
     "seed": [*PRETRAINED],
 }
-FIXED = ("fixed128", "seed")
+FIXED = ("fixed128", "seed")  # modes whose texts are padded to max_tokens
 PRESETS = {  # --modes NAME
     "padding": ",".join(m for m in MODES if m != "seed"),  # issue 7: what padding and the lean step cost
     # issue 18: the seed's DDP step against mmbert's DDP and FSDP (each wrap policy; FSDP as it was before)
     "strategies": "seed,bucketed@ddp,bucketed@fsdp/class,bucketed@fsdp/size,bucketed@fsdp/none,"
                   "bucketed@fsdp/class:full+native,bucketed_lean@ddp,bucketed_lean@fsdp",
-}  # modes whose texts are padded to max_tokens
+}
 
 
 def mode_parts(mode: str) -> tuple[str, Optional[str], list[str]]:

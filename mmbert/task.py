@@ -6,21 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 from .errors import ConfigError
-
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
+from .metrics import CLASSIFICATION, DEFAULT_METRIC, REGRESSION, metric_names, metric_row
 
 LOSSES = {CLASSIFICATION: ("cross_entropy",), REGRESSION: ("mse", "huber")}
-# validation metrics train.metric may name (binary and multiclass keys both: the class count is known only once
-# the train split is read); val_loss is the task's own loss metric (log_loss / mse)
-METRICS = {
-    CLASSIFICATION: ("roc_auc", "pr_auc", "accuracy", "f1", "precision", "recall", "f1_macro", "f1_micro",
-                     "precision_macro", "recall_macro", "mcc", "log_loss", "best_threshold_f1", "val_loss"),
-    REGRESSION: ("rmse", "mae", "mse", "r2", "spearman", "val_loss"),
-}
-VAL_LOSS = {CLASSIFICATION: "log_loss", REGRESSION: "mse"}
-DEFAULT_METRIC = {CLASSIFICATION: "roc_auc", REGRESSION: "rmse"}
-LOWER_IS_BETTER = frozenset({"rmse", "mae", "mse", "log_loss", "val_loss"})
 
 
 def task_of(data_cfg) -> str:
@@ -50,9 +38,14 @@ def validate_task(cfg) -> None:
                           f"{', '.join(LOSSES[task])})")
     if not t.huber_delta > 0:
         raise ConfigError(f"config key 'train.huber_delta' must be > 0, got {t.huber_delta}")
-    if t.metric is not None and t.metric not in METRICS[task]:
+    if t.metric is not None and t.metric not in metric_names(task):
         raise ConfigError(f"config key 'train.metric': '{t.metric}' is not a {task} metric (valid: "
-                          f"{', '.join(METRICS[task])})")
+                          f"{', '.join(metric_names(task))})")
+    natural = metric_row(metric_of(cfg), task).mode
+    if t.metric_mode is not None and t.metric_mode != natural:
+        raise ConfigError(f"config key 'train.metric_mode': '{t.metric_mode}' would keep the worst checkpoint: "
+                          f"{metric_of(cfg)} is better when {'higher' if natural == 'max' else 'lower'} "
+                          f"(leave metric_mode out, or set it to '{natural}')")
     t.metric, t.metric_mode = metric_of(cfg), metric_mode_of(cfg)
 
 
@@ -65,13 +58,8 @@ def metric_of(cfg) -> str:
 
 
 def metric_mode_of(cfg) -> str:
-    """train.metric_mode, else max for classification (as it always was) and the metric's direction for
-    regression."""
-    if cfg.train.metric_mode:
-        return cfg.train.metric_mode
-    if task_of(cfg.data) == CLASSIFICATION:
-        return "max"
-    return "min" if metric_of(cfg) in LOWER_IS_BETTER else "max"
+    """The selection metric's direction, from the metric table (train.metric_mode may only repeat it)."""
+    return metric_row(metric_of(cfg), task_of(cfg.data)).mode
 
 
 def loss_function(cfg, pre, class_weights=None) -> Callable:

@@ -226,6 +226,23 @@ def test_train_batches_are_the_global_orders_steps_with_or_without_loader_worker
 
 # ----------------------------------------------------------------------------- evaluate
 
+@pytest.mark.parametrize("metric", ["log_loss", "val_loss"])
+def test_a_lower_is_better_metric_keeps_the_lowest_evaluation(make, monkeypatch, metric):
+    """train.metric log_loss without metric_mode: best/ is the evaluation with the lowest log loss (it was the
+    highest: classification defaulted to max)."""
+    t = make(metric=metric, select_best=True, early_stopping_patience=2)
+    assert t.cfg.train.metric_mode == "min"
+    real = loop.task_metrics
+    for step, value in enumerate([0.5, 0.7, 0.3, 0.4], 1):
+        monkeypatch.setattr(loop, "task_metrics", lambda labels, p, pre, v=value: {**real(labels, p, pre),
+                                                                                   "log_loss": v})
+        t.state.step = step
+        t.evaluate()
+        assert t.state.best_metric == min([0.5, 0.7, 0.3, 0.4][:step])
+    assert (t.state.best_step, t.state.evals_since_best, t.stop_reason) == (3, 1, None)
+
+
+
 def test_evaluate_logs_val_metrics_keeps_best_and_counts_non_improving(make, monkeypatch):
     from sklearn.metrics import roc_auc_score
 

@@ -27,7 +27,7 @@ import pandas as pd
 from ..data.dataset import TableDataset
 from ..data.preprocess import Encoded, Z_MAX
 from ..data.tokenize import chunk_tokenize, pad_id
-from ..metrics import compute_metrics, compute_regression_metrics
+from ..metrics import DEFAULT_METRIC, VAL_LOSS, compute_metrics, compute_regression_metrics, metric_row
 from ..scoring import predict
 from ..task import CLASSIFICATION, REGRESSION
 from .rows import select_rows
@@ -48,11 +48,11 @@ def primary_metric(labels: np.ndarray, probs: np.ndarray, task: str = CLASSIFICA
     classes), or log loss where ROC-AUC is undefined (a class absent from the rows). The choice depends on the
     labels only, so the baseline and every permuted scoring use the same metric."""
     if task == REGRESSION:
-        return "rmse", compute_regression_metrics(labels, np.asarray(probs)[:, 0])["rmse"], False
-    m = compute_metrics(labels, probs, [str(j) for j in range(np.asarray(probs).shape[1])])
-    if m["roc_auc"] is not None:
-        return "roc_auc", m["roc_auc"], True
-    return "log_loss", m["log_loss"], False
+        m = compute_regression_metrics(labels, np.asarray(probs)[:, 0])
+    else:
+        m = compute_metrics(labels, probs, [str(j) for j in range(np.asarray(probs).shape[1])])
+    name = DEFAULT_METRIC[task] if m[DEFAULT_METRIC[task]] is not None else VAL_LOSS[task]
+    return name, m[name], metric_row(name, task).higher_is_better
 
 
 def drop(baseline: float, value: float, higher_is_better: bool) -> float:

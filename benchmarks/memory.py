@@ -65,7 +65,7 @@ def worker(a):
         over.append((k, __import__("yaml").safe_load(v)))
     cfg = load_config(a.config, over)
     env = init_distributed(cfg.dist.timeout_s, cfg.train.num_threads)
-    plan = resolve_plan(cfg.dist, env.device)
+    plan = resolve_plan(cfg.dist, env.device, env.world_size)
     ds, model, spec, pad_id = common.build_data_and_model(cfg)
     mark("data_and_pretrained_model")
     full_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

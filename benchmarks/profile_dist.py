@@ -84,7 +84,7 @@ def make_model(cfg, data, var: dict, env):
     d = cfg.dist
     d.strategy, d.wrap_policy, d.sharding, d.collectives = (var[k] for k in ("strategy", "wrap", "sharding",
                                                                            "collectives"))
-    plan = resolve_plan(cfg.dist, env.device)
+    plan = resolve_plan(cfg.dist, env.device, env.world_size)
     wrapped = parallelize(model, plan, env)
     if var.get("prefetch"):
         from torch.distributed.fsdp import FSDPModule

@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .task import validate_task
 
 FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
-STRATEGIES = ("fsdp", "ddp", "none")
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
 POOLINGS = ("pooler", "cls", "mean")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
@@ -106,7 +106,8 @@ class TrainConfig:
     huber_delta: float = 1.0  # in standard deviations of the train target
     eval_every: Optional[int] = None  # steps; evaluation also runs at the end of each epoch
     eval_each_epoch: bool = True
-    # null: roc_auc (classification) / rmse (regression); mode null: max (classification) / the metric's direction
+    # null: roc_auc (classification) / rmse (regression); metric_mode: the metric's direction (mmbert/metrics.py TABLE),
+    # which an explicit value may only repeat
     metric: Optional[str] = None
     metric_mode: Optional[Literal["max", "min"]] = None
     early_stopping_patience: Optional[int] = None  # evaluations without improvement
@@ -136,7 +137,9 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: Optional[Literal[STRATEGIES]] = None  # type: ignore[valid-type]  # None: accelerate env or "none"
+    # auto (null too): what `accelerate launch` names, else fsdp on several processes and none on one
+    # (mmbert/distributed/parallel.py resolve_strategy); none on several processes is refused.
+    strategy: Optional[Literal[STRATEGIES]] = "auto"  # type: ignore[valid-type]
     wrap_policy: Optional[Literal["class", "size", "class+size", "none"]] = None
     wrap_classes: Optional[list[str]] = None  # default: the encoder's _no_split_modules
     min_params: Optional[int] = None
@@ -407,7 +410,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.split: give fractions or index files or separate files, not several")
     if s.train_indices and s.train_file:
         raise ConfigError("data.split: give train_indices or train_file, not both")
-    if cfg.dist.sharding and cfg.dist.strategy not in (None, "fsdp"):
+    if cfg.dist.sharding and cfg.dist.strategy not in (None, "auto", "fsdp"):
         raise ConfigError(f"config key 'dist.sharding' only applies to strategy fsdp, not '{cfg.dist.strategy}'")
     bad = [v for v in t.report_to if v not in REPORT_TO]
     if bad:

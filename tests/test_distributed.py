@@ -59,17 +59,21 @@ def losses(run_dir: str) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_none_ddp_fsdp_agree(config, tmp_path):
-    """Same global batch (16): 1 process x 16 vs 2 processes x 8, DDP and FSDP."""
-    runs = {"none": (1, 16), "ddp": (2, 8), "fsdp": (2, 8)}
+    """Same global batch (16): 1 process x 16 vs 2 processes x 8, DDP, FSDP and no --strategy at all (auto: one
+    model trained with FSDP, never a replica per rank)."""
+    runs = {"none": (1, 16), "ddp": (2, 8), "fsdp": (2, 8), "auto": (2, 8)}
     for strategy, (nproc, bs) in runs.items():
-        r = run_cli(["train.py", "--config", config, "--strategy", strategy, "--max-steps", "4",
+        flag = [] if strategy == "auto" else ["--strategy", strategy]
+        r = run_cli(["train.py", "--config", config, *flag, "--max-steps", "4",
                      "--batch-size", str(bs), "--output-dir", str(tmp_path / strategy)], nproc=nproc)
-        if strategy == "fsdp":
+        if strategy in ("fsdp", "auto"):
             assert "FSDP2: 4 units + root" in r.stdout + r.stderr  # embeddings, 2 layers, fusion+head
+        if strategy == "auto":
+            assert "strategy=fsdp (auto)" in r.stdout + r.stderr
     ref = losses(tmp_path / "none")
     assert sorted(ref) == [1, 2, 3, 4]
     ref_w = load_file(tmp_path / "none" / "final" / "model.safetensors")
-    for strategy in ("ddp", "fsdp"):
+    for strategy in ("ddp", "fsdp", "auto"):
         got = losses(tmp_path / strategy)
         assert sorted(got) == sorted(ref)
         for step in ref:

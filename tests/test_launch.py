@@ -92,6 +92,21 @@ def test_accelerate_fsdp_config(cfg, tmp_path):
         assert yaml.safe_load(f)["dist"]["strategy"] == "fsdp"
 
 
+def test_accelerate_ddp_config_without_strategy_trains_one_ddp_model(cfg, tmp_path):
+    """accelerate's MULTI_GPU config with no --strategy: DDP, as the accelerate config names (it trained a replica
+    per rank)."""
+    out = tmp_path / "D"
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", "launch/accelerate_ddp.yaml",
+           "--main_process_port", str(_free_port()),
+           "train.py", "--config", cfg, "--max-steps", "2", *TRAIN_ARGS, "--output-dir", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "launcher=accelerate world=2" in log and "strategy=ddp (auto)" in log, log[-4000:]
+    with open(out / "config.yaml") as f:
+        assert yaml.safe_load(f)["dist"]["strategy"] == "ddp"
+
+
 # ----------------------------------------------------------------------------- SLURM
 
 def _slurm_unavailable() -> str | None:

@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 log = logging.getLogger("mmbert")
 
 
@@ -104,16 +106,28 @@ def init_distributed(timeout_s: int = 600, num_threads: int | None = None) -> Di
         backend = "gloo"
         set_threads(local_world, num_threads)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
-        if world == 1 and "MASTER_ADDR" not in os.environ:
-            # A one-process group with an in-memory store: collectives, DCP and FSDP work unchanged.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+        init_group(backend, rank, world, launcher, timedelta(seconds=timeout_s), device)
     return DistEnv(rank, world, local_rank, local_world, device, launcher)
+
+
+def init_group(backend: str, rank: int, world: int, launcher: str, timeout: timedelta, device: torch.device):
+    """A process that no launcher started gets a one-process group on an in-memory store: collectives, DCP and
+    FSDP work unchanged, and no port is taken (an exported MASTER_ADDR / MASTER_PORT, left from an earlier job,
+    must not make two such runs fight over one port). Launched ranks meet at MASTER_ADDR:MASTER_PORT."""
+    if world == 1 and launcher == "none":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise ConfigError(f"cannot start the process group at MASTER_ADDR:MASTER_PORT "
+                          f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: the port is in use by another "
+                          f"job; set MASTER_PORT to a free port (torchrun --master_port, or --standalone)") from None
 
 
 def cleanup():

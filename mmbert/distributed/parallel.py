@@ -49,9 +49,28 @@ def _env_bool(name: str) -> Optional[bool]:
     return None if v is None else v.strip().lower() in ("1", "true", "yes")
 
 
-def resolve_plan(dcfg, device: torch.device) -> ParallelPlan:
+def resolve_strategy(requested: Optional[str], world_size: int) -> str:
+    """dist.strategy for this launch. auto: what `accelerate launch` names (its FSDP config, or DDP for its
+    multi-process MULTI_GPU / MULTI_CPU types), else fsdp for several processes and none for one. Several
+    processes always train one model: `none` there would train a replica per rank and keep rank 0's."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate launch with a DeepSpeed config: mmbert trains with FSDP or DDP; use "
+                          "launch/accelerate_fsdp.yaml or launch/accelerate_ddp.yaml")
+    if requested in (None, "auto"):
+        if world_size == 1:
+            return "none"
+        if _env_bool("ACCELERATE_USE_FSDP"):
+            return "fsdp"
+        return "ddp" if "ACCELERATE_MIXED_PRECISION" in os.environ else "fsdp"
+    if requested == "none" and world_size > 1:
+        raise ConfigError(f"config key 'dist.strategy': 'none' on {world_size} processes would train {world_size} "
+                          f"separate models; use auto, fsdp or ddp, or launch one process")
+    return requested
+
+
+def resolve_plan(dcfg, device: torch.device, world_size: int = 1) -> ParallelPlan:
     env = os.environ
-    strategy = dcfg.strategy or ("fsdp" if _env_bool("ACCELERATE_USE_FSDP") else "none")
+    strategy = resolve_strategy(dcfg.strategy, world_size)
     wrap = dcfg.wrap_policy or _ACC_WRAP.get(env.get("FSDP_AUTO_WRAP_POLICY", "").upper(), "class")
     classes = dcfg.wrap_classes
     if classes is None and env.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):

@@ -34,10 +34,10 @@ from ..distributed.parallel import (
     resolve_plan,
 )
 from ..errors import ConfigError
-from ..metrics import task_metrics
+from ..metrics import log_line, metric_row, task_metrics
 from ..models.text_encoder import position_limit
 from ..scoring import predict, run_model
-from ..task import VAL_LOSS, loss_function, metric_mode_of, metric_of
+from ..task import loss_function, metric_mode_of, metric_of
 from .optim import build_optimizer, build_scheduler
 from .resume import check_resumable, describe_replan, plan_lr
 from .rundir import OutputLock, claim_output_dir, probe_writable
@@ -157,9 +157,7 @@ class TrainState:
 
 
 def _metric_key(cfg: Config, metrics: dict, task: str) -> float:
-    key = metric_of(cfg)
-    if key not in metrics and key == "val_loss":
-        key = VAL_LOSS[task]
+    key = metric_row(metric_of(cfg), task).name
     if key not in metrics:
         options = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
         raise ConfigError(f"config key 'train.metric': '{key}' is not a validation metric ({', '.join(options)})")
@@ -257,7 +255,7 @@ class Trainer:
         self.best_dir = os.path.join(self.out, "best")
         if self.tc.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.plan = resolve_plan(cfg.dist, env.device)
+        self.plan = resolve_plan(cfg.dist, env.device, env.world_size)
         self.state = TrainState()
         self.stop_reason: Optional[str] = None
         self.orders: dict[int, np.ndarray] = {}  # epoch -> global order (this one and the loader's next)
@@ -343,9 +341,10 @@ class Trainer:
             yaml.safe_dump(resolved, f, sort_keys=False)
         self.mlog.log_config(resolved)
         self.pre.save(os.path.join(self.out, PREPROCESSING))
-        log.info("launcher=%s world=%d device=%s strategy=%s threads=%d | %d params | train %d rows, val %d rows | "
+        chosen = " (auto)" if self.cfg.dist.strategy in (None, "auto") else ""
+        log.info("launcher=%s world=%d device=%s strategy=%s%s threads=%d | %d params | train %d rows, val %d rows | "
                  "%d steps/epoch of %d samples, %d steps total", env.launcher, env.world_size, env.device,
-                 plan.strategy, torch.get_num_threads(), self.n_params, self.n,
+                 plan.strategy, chosen, torch.get_num_threads(), self.n_params, self.n,
                  len(self.val_ds) if self.val_ds else 0, self.spe, self.G, self.total_steps)
 
     # ---- one step
@@ -444,10 +443,7 @@ class Trainer:
         if not math.isfinite(value):
             log.warning("eval step %d: val %s is undefined (%s; e.g. one class in the val split): not used for "
                         "best-model selection or early stopping", state.step, tc.metric, value)
-        log.info("eval step %d: %s", state.step, " ".join(
-            f"{k}={metrics[k]:.4f}" for k in ("log_loss", "accuracy", "f1", "f1_macro", "roc_auc", "pr_auc", "rmse",
-                                              "mae", "r2", "spearman")
-            if isinstance(metrics.get(k), float)))
+        log.info("eval step %d: %s", state.step, log_line(metrics))
         if improves(value, state.best_metric, metric_mode_of(self.cfg)):
             state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
             if tc.select_best:

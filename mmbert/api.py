@@ -12,6 +12,7 @@ caller passes trust_remote_code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -103,15 +104,21 @@ class Predictor:
 
 
 def _frame(rows) -> pd.DataFrame:
-    if isinstance(rows, pd.DataFrame):
-        return rows
     if isinstance(rows, (list, dict)):
         try:
-            return pd.DataFrame(rows)
+            rows = pd.DataFrame(rows)
         except ValueError as e:  # e.g. a dict of scalars
             raise DataError(f"rows to score: {e} (one row as a dict: pass [row])") from None
-    raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns), "
-                    f"got {type(rows).__name__}")
+    if not isinstance(rows, pd.DataFrame):
+        raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns), "
+                        f"got {type(rows).__name__}")
+    dup = list(dict.fromkeys(rows.columns[rows.columns.duplicated()]))
+    if dup:  # df[name] would be a frame, not a column: which one is the model's input?
+        shown = ", ".join(repr(c) for c in dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        several = len(dup) > 1
+        raise DataError(f"rows to score: column name{'s' if several else ''} {shown} appear{'' if several else 's'} "
+                        f"more than once: rename or drop the duplicates")
+    return rows
 
 
 def _metadata(path: str, backend: str, spec: dict, pre, extra: Optional[dict] = None) -> dict:
@@ -181,6 +188,9 @@ def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
     from .ensemble import ENSEMBLE_FILE
 
     if isinstance(path, (list, tuple)):
+        if not path:
+            raise ArtifactError("mmbert.load: the list of model directories is empty: give one model directory "
+                                "(RUN/final), an export folder, or several model directories as an ensemble")
         return _load_model_dir([os.fspath(p) for p in path], trust_remote_code, device)
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".onnx"):
@@ -198,6 +208,45 @@ def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
 
 
 # ----------------------------------------------------------------------------- train / evaluate / export
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """What a run sets up in its process for itself (train.py's process ends with it) is put back when the call
+    returns or raises: torch's thread count and deterministic-algorithms setting, its global RNG, sys.excepthook
+    (init_process_group wraps it, one more `[rank0]:` prefix per call), the handlers, levels and propagation of
+    the loggers that existed (and of mmbert's), and the environment variables (MASTER_ADDR ...)."""
+    import sys
+
+    import torch
+
+    threads, rng, hook, env = torch.get_num_threads(), torch.get_rng_state(), sys.excepthook, dict(os.environ)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    loggers = _logging_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        sys.excepthook = hook
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+        for logger, (handlers, level, propagate, disabled) in loggers.items():
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate, logger.disabled = propagate, disabled
+
+
+def _logging_state() -> dict:
+    import logging
+
+    ours = [logging.getLogger(name) for name in ("mmbert", "mmbert.main")]
+    others = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return {lg: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
+            for lg in [logging.getLogger(), *ours, *others]}
+
 
 @dataclass
 class TrainResult:
@@ -240,7 +289,8 @@ def train(config: Union[str, dict, Any, None] = None, overrides: Optional[dict] 
     from .training.loop import train as run_training
 
     cfg = _config(config, options, overrides)
-    final = run_training(cfg)
+    with _process_state_kept():
+        final = run_training(cfg)
     out = cfg.train.output_dir
     summary = {}
     if final and cfg.train.seeds:  # an ensemble: OUTPUT holds ensemble.json and a run per seed
@@ -285,7 +335,8 @@ def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, 
     if output_dir is None:
         raise ConfigError("mmbert.evaluate: output_dir is required (the prediction files and metrics go there)")
     args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}), "mmbert.evaluate")
-    metrics = run_evaluation(args)
+    with _process_state_kept():
+        metrics = run_evaluation(args)
     importance = _read_json(os.path.join(output_dir, IMPORTANCE_JSON)) if args.importance and metrics else None
     return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics, importance)
 
@@ -296,4 +347,5 @@ def export_onnx(model_dir: str, output: str, **options) -> dict:
     from .cli import export_options
     from .export import onnx
 
-    return onnx.export_onnx(model_dir, output, **export_options(options))
+    with _process_state_kept():
+        return onnx.export_onnx(model_dir, output, **export_options(options))

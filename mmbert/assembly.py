@@ -37,11 +37,13 @@ class RunData:
         return pad_id(self.tokenizer)
 
 
-def _tokenized_splits(cfg: Config, tokenizer, with_val: bool) -> tuple[Preprocessor, dict, dict[str, TableDataset]]:
-    """Read the table, fit preprocessing on train, tokenize train (and val)."""
+def _tokenized_splits(cfg: Config, tokenizer, with_val: bool,
+                      fitted: Optional[Preprocessor] = None) -> tuple[Preprocessor, dict, dict[str, TableDataset]]:
+    """Read the table, fit preprocessing on train (or apply `fitted`: a resumed run's own), tokenize train (and
+    val)."""
     splits = load_splits(cfg.data)
     tr = splits["train"]
-    pre = Preprocessor.fit(tr.df, cfg.data, cfg.model.encoder, tr.file)
+    pre = fitted or Preprocessor.fit(tr.df, cfg.data, cfg.model.encoder, tr.file)
     out = {"train": build_dataset(pre, tokenizer, tr.df, tr.file, with_labels=True, name="train", keep_texts=False)}
     if with_val and "val" in splits and len(splits["val"].df):
         out["val"] = build_dataset(pre, tokenizer, splits["val"].df, splits["val"].file, with_labels=True, name="val",
@@ -49,18 +51,19 @@ def _tokenized_splits(cfg: Config, tokenizer, with_val: bool) -> tuple[Preproces
     return pre, splits, out
 
 
-def build_run_data(cfg: Config, with_val: bool = True, env=None) -> RunData:
-    """Splits as configured, preprocessing fitted on train, tokenized train (and val) datasets; the label
-    map logged with its train counts. With a process environment and data.cache on, they come from the
-    token cache (built once per node, memory-mapped by every rank; mmbert/data/cache.py)."""
+def build_run_data(cfg: Config, with_val: bool = True, env=None, fitted: Optional[Preprocessor] = None) -> RunData:
+    """Splits as configured, preprocessing fitted on train (`fitted`: applied instead), tokenized train (and
+    val) datasets; the label map logged with its train counts. With a process environment and data.cache on,
+    they come from the token cache (built once per node, memory-mapped by every rank; mmbert/data/cache.py)."""
     tokenizer = load_tokenizer(cfg.model.encoder, cfg.model.trust_remote_code)
     if env is not None and cfg.data.cache:
         from .data.cache import cached_run_data
 
-        pre, datasets, meta = cached_run_data(cfg, env, tokenizer, lambda: _tokenized_splits(cfg, tokenizer, True))
+        pre, datasets, meta = cached_run_data(cfg, env, tokenizer,
+                                              lambda: _tokenized_splits(cfg, tokenizer, True, fitted), fitted)
         train_file = meta["splits"]["train"]["file"]
     else:
-        pre, splits, datasets = _tokenized_splits(cfg, tokenizer, with_val)
+        pre, splits, datasets = _tokenized_splits(cfg, tokenizer, with_val, fitted)
         train_file = splits["train"].file
     log_label_map(pre, datasets["train"], train_file)
     return RunData(tokenizer, pre, datasets["train"], datasets.get("val") if with_val else None)

@@ -64,6 +64,9 @@ def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in OUTPUT/checkpoints) or a checkpoint dir")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="resume even though a data file changed since the checkpoint: its rows train under the run's "
+                        "fitted preprocessing (train.resume_data_changed: accept)")
     p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
                    help="train one ensemble member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json "
@@ -102,6 +105,8 @@ def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Nam
         overrides.append(("train.overwrite", True))
     if args.no_cache:
         overrides.append(("data.cache", False))
+    if args.accept_changed_data:
+        overrides.append(("train.resume_data_changed", "accept"))
     return load_config(args.config, overrides), args
 
 

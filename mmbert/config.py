@@ -116,6 +116,9 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # "auto" or a checkpoint directory
+    # resume on data files whose bytes changed since the checkpoint: refuse, or accept (their rows train under the
+    # run's fitted preprocessing; --accept-changed-data)
+    resume_data_changed: Literal["refuse", "accept"] = "refuse"
     overwrite: bool = False
     seed: int = 42
     # Train one member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json (mmbert/ensemble.py): evaluate,

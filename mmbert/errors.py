@@ -24,6 +24,35 @@ class ArtifactError(MMBertError):
     pass
 
 
+def missing_columns_error(file: str, missing: list, columns, what: str = "configured column") -> DataError:
+    """One bounded line for columns a table lacks, however wide it is: the missing ones (the first 5), the
+    closest names the table has for each (difflib: a typo, a case or space difference), and the table's columns
+    only when they are few."""
+    import difflib
+
+    columns = [str(c) for c in columns]
+    lowered = {c.strip().lower(): c for c in columns}
+
+    def cut(name: str) -> str:
+        return repr(name if len(name) <= 60 else name[:57] + "...")
+
+    def closest(name: str) -> list[str]:
+        exact = lowered.get(name.strip().lower())
+        near = difflib.get_close_matches(name, columns, n=3, cutoff=0.6)
+        return list(dict.fromkeys([exact, *near] if exact else near))
+
+    missing = [str(c) for c in missing]
+    named = ", ".join(map(cut, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    hints = [(cut(name) + " -> " if len(missing) > 1 else "") + " or ".join(map(cut, near))
+             for name, near in ((name, closest(name)) for name in missing[:5]) if near]
+    listed = (f"columns: {', '.join(map(cut, columns))}" if len(columns) <= 12
+              else f"{len(columns)} columns, from {', '.join(map(cut, columns[:3]))} to {cut(columns[-1])}")
+    closest_part = f"closest: {', '.join(hints)}; " if hints else ""
+    plural = len(missing) > 1
+    return DataError(f"{file}: {what}{'s' if plural else ''} {named} {'are' if plural else 'is'} missing "
+                     f"({closest_part}the table has {listed})")
+
+
 def read_json_object(path: str, missing: str) -> dict:
     """A JSON object from a file a user may have damaged: ArtifactError naming the file (`missing` when it is
     absent), never a JSON or Unicode traceback."""

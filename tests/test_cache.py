@@ -210,7 +210,8 @@ def test_a_split_file_in_several_batches_or_short_of_rows_is_rebuilt(cfg_path, c
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=50)  # 90 rows: batches of 50 and 40
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    meta["splits"]["train"]["bytes"] = os.path.getsize(path)  # sizes agree: only the batches give it away
+    meta["splits"]["train"]["bytes"] = os.path.getsize(path)  # sizes and checksums agree: only the batches
+    meta["files"]["train.arrow"] = cache.file_sha256(path)  # give it away
     json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
     (_, got, _), _ = build_and_read(cfg, calls)
     assert calls == [1, 1] and len(got["train"]) == 90 and "several record batches" in caplog.text

@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import hashlib
 import json
+import logging
 import os
+import stat
+import tempfile
 from typing import Iterable, Optional
 
 import pandas as pd
 
 from ..errors import DataError
+
+log = logging.getLogger("mmbert")
+main_log = logging.getLogger("mmbert.main")  # what every rank would say alike: rank 0 only
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet",
             ".jsonl": "json", ".json": "json", ".ndjson": "json"}
@@ -60,16 +67,56 @@ def dataset_dict_splits(path: Optional[str]) -> Optional[list[str]]:
         raise DataError(f"{marker} is not a DatasetDict index: {e}") from None
 
 
+# A DatasetDict's split names for our train / val / test, in order of preference: the names HF datasets use
+# (validation; dev in GLUE-style sets; eval, holdout and the like where a dataset was saved by hand).
+DICT_SPLIT_NAMES = {"train": ("train", "training"),
+                    "val": ("validation", "val", "valid", "dev", "eval", "evaluation"),
+                    "test": ("test", "testing", "holdout")}
+
+
+def dict_split_roles(path: str, available: list[str], names=tuple(DICT_SPLIT_NAMES)) -> dict[str, str]:
+    """{our split: the DatasetDict's split} for `names`. Selecting every split (training) says in one warning
+    which of the dict's splits it leaves unused, and that it trains without validation when none is named
+    like one: never a silent choice."""
+    roles = {role: next((n for n in DICT_SPLIT_NAMES[role] if n in available), None) for role in DICT_SPLIT_NAMES}
+    if roles["train"] is None:
+        raise DataError(f"{path}: the DatasetDict has no 'train' split (splits: {', '.join(available)})")
+    if set(names) >= set(DICT_SPLIT_NAMES):
+        _warn_unmapped_splits(path, available, roles)
+    return {role: src for role, src in roles.items() if role in names and src is not None}
+
+
+def _warn_unmapped_splits(path: str, available: list[str], roles: dict):
+    unused = [n for n in available if n not in roles.values()]
+    problems = ["no validation split: training without validation"] if roles["val"] is None else []
+    if unused:
+        problems.append(f"split{'s' if len(unused) > 1 else ''} {', '.join(unused)} not used")
+    if problems:
+        known = "; ".join(f"{role}: {'/'.join(names)}" for role, names in DICT_SPLIT_NAMES.items())
+        main_log.warning("%s: DatasetDict with splits %s: %s (split names taken: %s); to choose, give the splits as "
+                         "data.split.train_file / val_file / test_file (FOLDER/SPLIT)", path, ", ".join(available),
+                         "; ".join(problems), known)
+
+
+def _hub_name(path: str) -> tuple[str, Optional[str]]:
+    """(NAME, CONFIG or None) of `hub:NAME[:CONFIG]`; an empty or malformed name is one line giving the form."""
+    name, _, config = path[len(HUB_PREFIX):].partition(":")
+    if not name.strip() or any(not part.strip() for part in name.split("/")) or name.count("/") > 1:
+        raise DataError(f"'{path}' names no hub dataset: give it as {HUB_PREFIX}ORG/NAME "
+                        f"(or {HUB_PREFIX}ORG/NAME:CONFIG)")
+    return name, config or None
+
+
 def _load_hf(path: str):
     """A saved Dataset or DatasetDict folder, or a hub dataset (a DatasetDict)."""
     import datasets
 
     datasets.disable_progress_bars()
+    name, config = _hub_name(path) if path.startswith(HUB_PREFIX) else (None, None)
     try:
-        if not path.startswith(HUB_PREFIX):
+        if name is None:
             return datasets.load_from_disk(path)
-        name, _, config = path[len(HUB_PREFIX):].partition(":")
-        return datasets.load_dataset(name, config or None)
+        return datasets.load_dataset(name, config)
     except Exception as e:  # hub, network and format errors come in many types: one line naming the dataset
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only datasets already in the local HF cache load)" if offline else ""
@@ -222,8 +269,58 @@ def _has_no_rows(path: str, fmt: str) -> bool:
 
 
 def _cache_dir() -> str:
-    # A private cache so a read-only or shared HF cache never breaks loading a local file.
-    return os.environ.get("MMBERT_DATASETS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmbert", "datasets"))
+    """The folder of load_table's `datasets` cache (the token cache's default sits beside it, data/cache.py):
+    $MMBERT_DATASETS_CACHE when set; else the first writable of ~/.cache/mmbert/datasets ($XDG_CACHE_HOME
+    for ~/.cache), $HF_DATASETS_CACHE/mmbert/datasets and $HF_HOME/datasets/mmbert/datasets (the caches the
+    user set for HF datasets); else a temporary folder, with one warning. A private cache, so that a
+    read-only or shared HF cache never breaks loading a local file; never a dead end under a read-only HOME."""
+    env = os.environ
+    if env.get("MMBERT_DATASETS_CACHE"):
+        return _first_writable((env["MMBERT_DATASETS_CACHE"],))
+    home_cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    hf = [env.get("HF_DATASETS_CACHE"), env.get("HF_HOME") and os.path.join(env["HF_HOME"], "datasets")]
+    return _first_writable((os.path.join(home_cache, "mmbert", "datasets"),
+                            *(os.path.join(d, "mmbert", "datasets") for d in hf if d)))
+
+
+CACHE_VARIABLES = "MMBERT_DATASETS_CACHE, HF_DATASETS_CACHE, HF_HOME or XDG_CACHE_HOME"
+
+
+def writable_dir(path: str) -> bool:
+    """The folder exists or could be made, and files can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_writable(candidates: tuple[str, ...]) -> str:
+    """The first writable candidate; else this user's folder in the temporary directory (the same on every
+    rank of a node, so the token cache its ranks share is found), warned about once per process."""
+    for path in candidates:
+        if writable_dir(path):
+            return path
+    fallback = os.path.join(_private_temp_dir(), "datasets")
+    os.makedirs(fallback, exist_ok=True)
+    log.warning("cache folder %s cannot be written (a read-only HOME?): caching in %s instead; set %s "
+                "(and data.cache_dir for the token cache) to choose the folder",
+                candidates[0], fallback, CACHE_VARIABLES)
+    return fallback
+
+
+def _private_temp_dir() -> str:
+    """$TMPDIR/mmbert-cache-UID, refused (for a new mkdtemp folder) when it is a link or another user's."""
+    path = os.path.join(tempfile.gettempdir(), f"mmbert-cache-{os.getuid()}")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return path
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix="mmbert-cache-")
 
 
 def read_indices(path: str, n_rows: int, data_path: str) -> list[int]:

@@ -9,10 +9,10 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, missing_columns_error
 from ..task import REGRESSION
 from .dataset import TableDataset
-from .io import dataset_dict_splits, load_table, read_indices
+from .io import dataset_dict_splits, dict_split_roles, load_table, read_indices
 from .preprocess import Encoded, Preprocessor
 from .tokenize import Chunks, chunk_tokenize
 
@@ -41,9 +41,9 @@ def _required_columns(d) -> list[str]:
 
 
 def check_columns(df: pd.DataFrame, cols: list[str], file: str):
-    for c in cols:
-        if c not in df.columns:
-            raise DataError(f"{file}: configured column '{c}' is missing (columns: {', '.join(map(str, df.columns))})")
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise missing_columns_error(file, missing, df.columns)
 
 
 def fraction_split(n: int, fractions: Optional[list[float]], seed: int) -> dict[str, np.ndarray]:
@@ -91,24 +91,14 @@ def select_splits(d, names=SPLITS, source: Optional[str] = None) -> dict[str, Sp
             for n, rows in fraction_split(len(table), fr, s.seed).items() if n in names}
 
 
-# a DatasetDict's split names for our train / val / test
-DICT_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
-
-
 def _dict_splits(d, available: list[str], names, ids: list[str]) -> dict[str, Split]:
     """A DatasetDict as data.path (a save_to_disk folder or hub:NAME[:CONFIG]): its own splits are the run's."""
     s = d.split
     if s.train_indices or s.fractions:
         raise ConfigError(f"data.path {d.path} is a DatasetDict (splits {', '.join(available)}): its splits are used, "
                           f"so data.split.* must stay unset (or give one split's folder as data.path)")
-    if "train" not in available:
-        raise DataError(f"{d.path}: the DatasetDict has no 'train' split (splits: {', '.join(available)})")
-    out = {}
-    for name in names:
-        src = next((n for n in DICT_SPLIT_NAMES[name] if n in available), None)
-        if src is not None:
-            out[name] = Split(name, load_table(d.path, ids, split=src), f"{d.path}[{src}]", f"split {name} ({src})")
-    return out
+    return {name: Split(name, load_table(d.path, ids, split=src), f"{d.path}[{src}]", f"split {name} ({src})")
+            for name, src in dict_split_roles(d.path, available, names).items()}
 
 
 def load_splits(d) -> dict[str, Split]:

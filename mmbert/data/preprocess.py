@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from ..errors import ArtifactError, ConfigError, DataError, read_json_object
+from ..errors import ArtifactError, ConfigError, DataError, missing_columns_error, read_json_object
 from ..task import CLASSIFICATION, REGRESSION, task_of
 
 FORMAT_VERSION = 1
@@ -122,8 +122,9 @@ class Preprocessor:
                 raise DataError(f"{file}: numeric column '{c}' has no values in the train split")
             median = float(np.median(finite))
             filled = np.where(np.isfinite(vals), vals, median)
-            std = float(filled.std())
-            p.numeric_stats[c] = {"median": median, "mean": float(filled.mean()), "std": std if std > 1e-12 else 1.0}
+            std = float(filled.std())  # a tiny spread is standardised like any other (float64); only none is not
+            p.numeric_stats[c] = {"median": median, "mean": float(filled.mean()),
+                                  "std": std if np.ptp(filled) > 0 and std > 0 else 1.0}
         for c in p.categorical_columns:
             values = {_fmt(v) for v in df[c].tolist() if not _is_missing(v)}  # 3.0 -> "3": int columns read as float
             p.vocabularies[c] = sorted(values)
@@ -137,9 +138,15 @@ class Preprocessor:
     def _fit_target(self, df: pd.DataFrame, file: str):
         y = self.target_values(df, file)
         mean, std = float(y.mean()), float(y.std())
-        if not std > 1e-12 * max(1.0, abs(mean)):
-            raise DataError(f"{file}: regression target '{self.label_column}' is constant ({mean:g}) in the train "
-                            f"split: its std is 0, there is nothing to learn")
+        if np.ptp(y) == 0:  # only truly equal values: a tiny spread is standardised in float64 like any other
+            raise DataError(f"{file}: regression target '{self.label_column}' is constant ({float(y[0])!r}) in the "
+                            f"train split: its std is 0, there is nothing to learn")
+        # scores are float32 (z * std + mean): a spread below float32's resolution at the mean cannot be predicted
+        resolution = max(float(np.finfo(np.float32).eps) * abs(mean), float(np.finfo(np.float32).tiny))
+        if not std > resolution:
+            raise DataError(f"{file}: regression target '{self.label_column}' varies too little to be predicted: std "
+                            f"{std:.3g} around mean {mean!r} is below float32's resolution there ({resolution:.3g}); "
+                            f"subtract a constant from the target (or rescale it) in the data")
         self.label_type, self.classes, self.target_mean, self.target_std = "float", [], mean, std
 
     def target_values(self, df: pd.DataFrame, file: str) -> np.ndarray:
@@ -220,9 +227,9 @@ class Preprocessor:
             needed.append(self.id_column)
         if require_label and self.label_column:
             needed.append(self.label_column)
-        for c in needed:
-            if c not in df.columns:
-                raise DataError(f"{file}: configured column '{c}' is missing (columns: {', '.join(map(str, df.columns))})")
+        missing = [c for c in needed if c not in df.columns]
+        if missing:
+            raise missing_columns_error(file, missing, df.columns)
 
     def _numeric_values(self, df: pd.DataFrame, c: str, file: str) -> tuple[np.ndarray, int]:
         """float64 values with NaN where missing; +-inf (and values beyond float32's range) counted and treated
@@ -351,9 +358,14 @@ class Preprocessor:
 
     @classmethod
     def load(cls, path: str) -> "Preprocessor":
-        raw = read_json_object(path, f"preprocessing file not found: {path}")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
+        return cls.from_dict(read_json_object(path, f"preprocessing file not found: {path}"), path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: str) -> "Preprocessor":
+        """A saved fit (a file's, or the one a checkpoint records), checked field by field; `path` names it."""
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{path}: the preprocessing is not a JSON object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ArtifactError(f"{path}: unknown preprocessing keys {sorted(unknown)}")
         try:

@@ -1,7 +1,9 @@
 """Evaluation pictures as PNG (matplotlib, Agg canvas: no display, no global pyplot state)."""
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import numpy as np
 
@@ -13,6 +15,41 @@ SCATTER = "predicted_vs_actual.png"  # regression
 RESIDUALS = "residual_histogram.png"
 PREDICTIONS = "prediction_histogram.png"
 ALL = (ROC, PR, CONFUSION, HISTOGRAM, SCATTER, RESIDUALS, PREDICTIONS)
+
+
+def _import_matplotlib():
+    """matplotlib writes its settings and font cache under ~/.config and ~/.cache; where it cannot (a read-only
+    HOME) it makes a temporary folder on every import and prints two lines about it. Give it a folder beside our
+    cache for its import instead (it keeps the folder it chose there), leaving the environment as it was."""
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
+        return
+    from ..data.io import _cache_dir, writable_dir
+
+    home = os.path.expanduser("~")
+    defaults = (os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+                os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"))
+    if all(writable_dir(os.path.join(d, "matplotlib")) for d in defaults):
+        return
+    os.environ["MPLCONFIGDIR"] = os.path.join(os.path.dirname(_cache_dir().rstrip(os.sep)), "matplotlib")
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401  (with the font manager: both folders are read now)
+    finally:
+        os.environ.pop("MPLCONFIGDIR", None)
+
+
+def _plain_text(plot):
+    """Draw with every text taken literally: a `$` in a column or class name (`Cost ($) per_$unit`) would
+    otherwise start mathtext and fail the picture, and a user's text.usetex would send names to LaTeX."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        _import_matplotlib()
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def _figure(w: float = 5.0, h: float = 4.5):
@@ -55,6 +92,7 @@ def _curves(labels, probs, class_names, draw, title: str, xlabel: str, ylabel: s
     return fig, ax
 
 
+@_plain_text
 def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str):
     from sklearn.metrics import auc, roc_curve
 
@@ -68,6 +106,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path
     _save(fig, path)
 
 
+@_plain_text
 def plot_pr(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str):
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -81,6 +120,7 @@ def plot_pr(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path:
     _save(fig, path)
 
 
+@_plain_text
 def plot_confusion(cm: list[list[int]], class_names: list[str], path: str):
     m = np.asarray(cm, dtype=np.int64)
     k = len(class_names)
@@ -102,6 +142,7 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], path: str):
     _save(fig, path)
 
 
+@_plain_text
 def plot_histogram(probs: np.ndarray, class_names: list[str], labels, path: str):
     """Binary: P(class 1), split by true class when labels are known. Multiclass: the predicted class's
     probability (confidence), split into correct / wrong when labels are known."""
@@ -128,6 +169,7 @@ def plot_histogram(probs: np.ndarray, class_names: list[str], labels, path: str)
     _save(fig, path)
 
 
+@_plain_text
 def plot_scatter(labels: np.ndarray, pred: np.ndarray, name: str, path: str):
     """Regression: prediction against the actual target, with the y = x line."""
     fig = _figure()
@@ -139,6 +181,7 @@ def plot_scatter(labels: np.ndarray, pred: np.ndarray, name: str, path: str):
     _save(fig, path)
 
 
+@_plain_text
 def plot_value_histogram(values: np.ndarray, xlabel: str, title: str, path: str):
     fig = _figure(6, 4)
     ax = fig.add_subplot()

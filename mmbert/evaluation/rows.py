@@ -17,7 +17,7 @@ from ..artifact import read_run_config
 from ..data.dataset import TableDataset
 from ..data.io import HUB_PREFIX, load_table, read_indices
 from ..data.pipeline import build_dataset, recorded_path, select_splits
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, missing_columns_error
 
 main_log = logging.getLogger("mmbert.main")  # messages every rank would repeat: rank 0 only
 
@@ -97,8 +97,7 @@ def resolve_id_column(args: argparse.Namespace, sel: Selection, pre) -> list[str
     returned too, so that a cache hit repeats it)."""
     if args.id_column:
         if args.id_column not in sel.df.columns:
-            raise DataError(f"{sel.file}: --id-column '{args.id_column}' is missing "
-                            f"(columns: {', '.join(map(str, sel.df.columns))})")
+            raise missing_columns_error(sel.file, [args.id_column], sel.df.columns, what="--id-column")
         pre.id_column = args.id_column
     elif pre.id_column and pre.id_column not in sel.df.columns:
         warning = (f"id column '{pre.id_column}' of the training config is not in {sel.file}: prediction files "

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from ..artifact import PREPROCESSING, WEIGHTS, save_artifact
-from ..assembly import build_run_data, build_run_model, model_spec
+from ..assembly import build_run_model, model_spec
 from ..config import Config
 from ..data.dataset import batch_token_counts, move_batch
 from ..data.loader import default_workers, step_keys, step_loader
@@ -39,7 +39,7 @@ from ..models.text_encoder import position_limit
 from ..scoring import predict, run_model
 from ..task import loss_function, metric_mode_of, metric_of
 from .optim import build_optimizer, build_scheduler
-from .resume import check_resumable, describe_replan, plan_lr
+from .resume import check_resumable, describe_replan, plan_lr, resumed_run_data
 from .rundir import OutputLock, claim_output_dir, probe_writable
 from .tracking import MetricsLog, build_trackers
 
@@ -265,9 +265,10 @@ class Trainer:
 
     # ---- building the run
     def build_data(self):
-        """Preprocessing fitted on the train split only; tokenized train / val datasets."""
+        """Preprocessing fitted on the train split only (resuming: the checkpoint's); tokenized train / val datasets."""
         tc, dc = self.tc, self.cfg.data
-        data = build_run_data(self.cfg, env=self.env)
+        self.resume_path = resume_path_for(tc, self.ckpt_root)
+        data, self.data_files = resumed_run_data(self.cfg, self.env, self.resume_path)
         self.tokenizer, self.pre, self.train_ds, self.val_ds = data.tokenizer, data.pre, data.train, data.val
         self.pad_id = data.pad_id
         pre = self.pre
@@ -310,7 +311,7 @@ class Trainer:
         (re-planned over a changed total) and the metrics log cut back to the resumed step."""
         tc, env = self.tc, self.env
         saved: dict = {}
-        resume_path = resume_path_for(tc, self.ckpt_root)
+        resume_path = self.resume_path  # the checkpoint whose preprocessing build_data applied
         if resume_path:
             self.state, saved = restore(resume_path, self.model, self.optimizer, self.run_cfg, env, self.best_dir)
             state = self.state
@@ -464,7 +465,8 @@ class Trainer:
         """Collective: a checkpoint of the whole TrainState, the lr plan, the config and best/ as it is now."""
         ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
                              {**self.state.to_dict(), "lr_plan": self.lr_plan.to_dict(), "config": self.run_cfg,
-                              "snapshots": ["best"]},
+                              "snapshots": ["best"],
+                              "preprocessing": self.pre.to_dict(), "data_files": self.data_files},
                              self.tc.keep_checkpoints, self.env.rank, with_dirs={"best": self.best_dir})
 
     # ---- the run

@@ -7,23 +7,33 @@ change is applied from the resumed step on: the step budget (`max_steps`, `epoch
 schedule (`lr`, `head_lr`, `schedule`, warmup), `weight_decay`, `max_grad_norm`, `class_weights`,
 batch size / grad_accum / world size / strategy (the data position is counted in samples),
 evaluation, checkpoint and logging cadence, early stopping, `select_best`.
+
+A checkpoint also records the run's fitted preprocessing and a digest of every data file it read. A resume
+applies that preprocessing, never a new fit (category indices and scalers are what the weights learned). Data
+files whose bytes differ from the checkpoint's are refused in one line naming the file, unless
+`train.resume_data_changed: accept` (--accept-changed-data): then the new rows train under the run's fit
+(unseen categories are unknown, the run's scalers apply) and the later checkpoints record the new digests.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch.distributed as dist
+
 from ..config import DATA_CACHE_KEYS, flatten
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError, MMBertError
 
 log = logging.getLogger("mmbert")
 
 FROZEN_SECTIONS = ("data", "model")
 FROZEN_TRAIN_KEYS = ("seed", "bucket_by_length", "bucket_block", "metric", "metric_mode")
 # Keys that say where and how to run, not what: never compared.
-RUN_CONTROL_KEYS = ("output_dir", "resume", "overwrite", "progress_bar", "num_threads", "num_workers",
-                    "report_to")
+RUN_CONTROL_KEYS = ("output_dir", "resume", "resume_data_changed", "overwrite", "progress_bar", "num_threads",
+                    "num_workers", "report_to")
 
 
 def _frozen(key: str) -> bool:
@@ -86,3 +96,81 @@ def describe_replan(saved: Optional[dict], plan: LrPlan, step: int, lr: float) -
     return (f"lr schedule re-planned from step {step}: {plan.schedule} over {plan.total} steps (was "
             f"{saved['schedule']} over {saved['total']}); warmup of {plan.warmup} steps not repeated; "
             f"next lr {lr:.3g}")
+
+
+# ----------------------------------------------------------------------------- the data a resume trains on
+
+def resumed_run_data(cfg, env, checkpoint: Optional[str]):
+    """Collective: (RunData, {data path: digest} to record in this run's checkpoints). Resuming, the data is
+    built with the checkpoint's fitted preprocessing (see the module docstring), and all ranks take rank 0's
+    decision on changed data files."""
+    from ..assembly import build_run_data
+
+    saved_pre, changed, digests = _on_every_rank(lambda: _data_decision(cfg, checkpoint))
+    fitted = _preprocessor(saved_pre, checkpoint) if saved_pre is not None else None
+    data = build_run_data(cfg, env=env, fitted=fitted if changed else None)
+    if fitted is not None and _as_json(data.pre.to_dict()) != _as_json(saved_pre):
+        # the same bytes fitted otherwise (another mmbert version): the weights know the run's own fit
+        log.warning("resume: the preprocessing fitted now differs from the one %s was trained with: applying "
+                    "the run's own", checkpoint)
+        data = build_run_data(cfg, env=env, fitted=fitted)
+    return data, digests
+
+
+def _data_decision(cfg, checkpoint: Optional[str]) -> tuple[Optional[dict], list[str], dict]:
+    """Rank 0: (the checkpoint's preprocessing or None, the data paths that changed since it, this run's
+    digests); stops on changed data unless accepted."""
+    from ..data.cache import data_digests
+    from ..distributed.checkpoint import read_train_state
+
+    digests = data_digests(cfg.data)
+    if checkpoint is None:
+        return None, [], digests
+    saved = read_train_state(checkpoint)
+    if "preprocessing" not in saved:
+        log.warning("checkpoint %s records no preprocessing (written by an older mmbert): refitting it, and cannot "
+                    "check that the data is unchanged", checkpoint)
+        return None, [], digests
+    if config_changes({"data": saved.get("config", {}).get("data", {})}, {"data": cfg.to_dict()["data"]})[0]:
+        return None, [], digests  # another data config: restore() refuses it, naming every changed key
+    before = saved.get("data_files", {})
+    changed = [p for p, d in digests.items() if p in before and before[p] != d]
+    if changed and cfg.train.resume_data_changed != "accept":
+        raise DataError(f"data file {changed[0]} changed since checkpoint {checkpoint} was trained on it (its bytes "
+                        f"differ): pass --accept-changed-data to continue on the new rows under the run's fitted "
+                        f"preprocessing, or start a new run (--overwrite, or another --output-dir)")
+    if changed:
+        log.warning("resume: data file %s changed since checkpoint %s; training on it under the run's fitted "
+                    "preprocessing (unseen categories as unknown, the run's scalers), as accepted", changed[0],
+                    checkpoint)
+    return saved["preprocessing"], changed, digests
+
+
+def _on_every_rank(fn):
+    """fn() on rank 0; its result on every rank, or its error (the others raise it as one line)."""
+    result, error, failure = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # any failure must reach the waiting ranks, which would otherwise hang
+            failure = e
+            error = (type(e), str(e)) if isinstance(e, MMBertError) else (DataError, f"rank 0 failed: {e!r}")
+    if dist.get_world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error[0](error[1])
+    return result
+
+
+def _preprocessor(raw: dict, checkpoint: str):
+    from ..data.preprocess import Preprocessor
+
+    return Preprocessor.from_dict(raw, os.path.join(checkpoint, "train_state.json"))
+
+
+def _as_json(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from typing import Optional, Protocol
 
 from ..config import Config, flatten
@@ -50,6 +51,14 @@ class TensorBoardTracker:
             SummaryWriter,  # needs the tensorboard package
         )
 
+        # The writer's own thread opens the events file: a folder it cannot write fails there, with a thread
+        # traceback on stderr. Try it here first, so the failure is build_trackers' one warning line.
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=log_dir):
+                pass
+        except OSError as e:
+            raise OSError(f"cannot write in {log_dir}: {e.strerror or e}") from None
         # purge_step: on resume, TensorBoard hides the earlier run's events from this step on, as
         # metrics.jsonl drops its records after the resumed step
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step, flush_secs=30)

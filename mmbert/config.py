@@ -133,6 +133,8 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     progress_bar: bool = True
     deterministic: bool = False
+    # torch.compile of each encoder layer (dynamic shapes), on every strategy; the first steps pay the compile
+    compile: bool = False
     # Experiment trackers that also get every metrics.jsonl record, on rank 0 (mmbert/training/tracking.py):
     # tensorboard (event files in OUTPUT_DIR/tensorboard), wandb, mlflow (optional installs), or none.
     report_to: list[str] = field(default_factory=list)
@@ -147,11 +149,16 @@ class DistConfig:
     wrap_classes: Optional[list[str]] = None  # default: the encoder's _no_split_modules
     min_params: Optional[int] = None
     sharding: Optional[Literal["auto", "full", "shard_grad_op", "hybrid"]] = None  # None: accelerate env or auto
+    # auto (None too, unless accelerate names one): bf16 on CUDA, fp32 on CPU; every strategy (mmbert/distributed/
+    # precision.py): autocast under none / ddp, FSDP2's MixedPrecisionPolicy under fsdp; fp16 scales the loss
     mixed_precision: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = None
+    # recompute each encoder layer in backward (every strategy; the units FSDP wraps): less memory, same losses
     activation_checkpointing: Optional[bool] = None
     cpu_offload: Optional[bool] = None
     # FSDP's all-gather / reduce-scatter on gloo: point-to-point exchanges (None: p2p) or gloo's own
     collectives: Optional[Literal["p2p", "native"]] = None
+    # fp32 matmuls on CUDA in TF32 (tensor cores); false: full fp32
+    tf32: bool = True
     timeout_s: int = 600
 
 
@@ -413,8 +420,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.split: give fractions or index files or separate files, not several")
     if s.train_indices and s.train_file:
         raise ConfigError("data.split: give train_indices or train_file, not both")
-    if cfg.dist.sharding and cfg.dist.strategy not in (None, "auto", "fsdp"):
-        raise ConfigError(f"config key 'dist.sharding' only applies to strategy fsdp, not '{cfg.dist.strategy}'")
     bad = [v for v in t.report_to if v not in REPORT_TO]
     if bad:
         raise ConfigError(f"config key 'train.report_to': {bad[0]!r} is not one of {', '.join(REPORT_TO)}")

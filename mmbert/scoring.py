@@ -7,6 +7,7 @@ an ONNX Runtime session can be wrapped the same way and passed to `predict(..., 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,17 +27,19 @@ def run_model(model, batch: dict) -> torch.Tensor:
     return model(*batch_inputs(batch))
 
 
-def batch_scores(model, batch: dict, device: Optional[torch.device] = None) -> np.ndarray:
+def batch_scores(model, batch: dict, device: Optional[torch.device] = None,
+                 precision: Callable = contextlib.nullcontext) -> np.ndarray:
     """The one "model on a batch -> scores" (models.classifier.scores: softmax probabilities, or a regression's
-    prediction in original units) in float32, as numpy; the batch moved to `device` first when given."""
-    with torch.no_grad():
+    prediction in original units) in float32, as numpy; the batch moved to `device` first when given, the model
+    run in the `precision` context (the run's autocast)."""
+    with torch.no_grad(), precision():
         outputs = run_model(model, move_batch(batch, device) if device is not None else batch)
-    return scores(outputs, unwrap(model).spec).cpu().numpy()
+    return scores(outputs.float(), unwrap(model).spec).cpu().numpy()
 
 
-def torch_scorer(model, device: torch.device) -> Scorer:
-    """batch (on the host) -> scores as float32 numpy, computed on `device`."""
-    return lambda batch: batch_scores(model, batch, device)
+def torch_scorer(model, device: torch.device, precision: Callable = contextlib.nullcontext) -> Scorer:
+    """batch (on the host) -> scores as float32 numpy, computed on `device` in the `precision` context."""
+    return lambda batch: batch_scores(model, batch, device, precision)
 
 
 def predict(model, ds: TableDataset, rank: int, world: int, device: torch.device, batch_size: int, pad_id: int,

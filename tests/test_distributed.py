@@ -17,24 +17,6 @@ from conftest import ROOT, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
-def no_dropout_bert(tiny_bert, tmp_path_factory) -> str:
-    """The tiny BERT with dropout off, so runs on different world sizes must agree."""
-    import shutil
-
-    from transformers import BertConfig, BertModel
-
-    path = str(tmp_path_factory.mktemp("tiny_bert_nodrop"))
-    cfg = BertConfig.from_pretrained(tiny_bert)
-    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(path)
-    for f in os.listdir(tiny_bert):
-        if "token" in f or f.startswith("vocab") or f.startswith("special"):
-            shutil.copy(os.path.join(tiny_bert, f), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def small_data(reviews, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "small.parquet")
     reviews.iloc[:240].to_parquet(path)

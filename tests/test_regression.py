@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli, write_config
-from test_distributed import no_dropout_bert  # noqa: F401  (a fixture: dropout off, so world sizes agree)
 
 import mmbert
 from mmbert.config import FUSIONS, DataConfig, load_config
@@ -283,7 +282,7 @@ def test_evaluate_files_metrics_plots_and_predictor(planted_run, capsys):
 # ----------------------------------------------------------------------------- slow: real processes
 
 @pytest.mark.slow
-def test_train_evaluate_two_ranks_export_onnx_parity(no_dropout_bert, reviews, tmp_path):  # noqa: F811
+def test_train_evaluate_two_ranks_export_onnx_parity(no_dropout_bert, reviews, tmp_path):
     """train.py on 1 process and 2 FSDP ranks (same global batch: same losses and weights); evaluate.py on 1 and
     2 ranks (the same predictions, every row once); export.py verifies the graph; evaluate --onnx and mmbert
     predict serve the same predictions."""

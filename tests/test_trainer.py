@@ -168,6 +168,42 @@ def test_train_step_advances_state_updates_weights_and_reports_the_batch_loss(ma
     assert rec["loss"] == pytest.approx(loss, rel=1e-6) and rec["lr"] == pytest.approx(t.scheduler.get_last_lr()[0])
 
 
+def test_steps_between_log_steps_read_nothing_back_from_the_device(make, monkeypatch):
+    """A host read of a device value (.item(), float(), bool(): aten._local_scalar_dense) or one of our collectives
+    makes a GPU drain its queue. Between log steps the loop does neither: the loss, the gradient norm and the
+    preemption flag are read on log steps only. The reads left are of host tensors: the collated batch's token
+    count (before its copy to the device) and the step loader's seed."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = make(max_steps=6, log_every=3, eval_each_epoch=False, select_best=False)
+    events: list[tuple[str, set[str]]] = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                stack = traceback.extract_stack()
+                loader = any(f"torch{os.sep}utils{os.sep}data{os.sep}" in f.filename for f in stack)
+                events.append(("read", {f.name for f in stack} | ({"DataLoader"} if loader else set())))
+            return func(*args, **(kwargs or {}))
+
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: (
+            events.append((_name, {f.name for f in traceback.extract_stack()})), _real(*a, **k))[1])
+    with loop.Preemption() as preempt, HostReads():
+        assert t.loop(preempt)
+    per_step = ("log_step", "evaluate", "save", "finalize", "all_reduce_max")
+    outside = [(kind, stack) for kind, stack in events if not stack & set(per_step)]
+    assert outside, "nothing recorded: the hooks missed the loop"
+    host = {"batch_token_counts", "DataLoader"}  # CPU tensors only: the collated batch, the loader's seed
+    assert all(kind == "read" and stack & host for kind, stack in outside), [
+        (kind, sorted(stack)) for kind, stack in outside if not (kind == "read" and stack & host)]
+    # the preemption flag: one all-reduce per log step (steps 3 and 6), none on the other four
+    assert sum(1 for kind, stack in events if kind == "all_reduce" and "all_reduce_max_flag" in stack) == 2
+
+
 # ----------------------------------------------------------------------------- epoch_order
 
 def test_epoch_order_is_a_seeded_permutation_that_advances_the_epoch(make, tmp_path):
@@ -397,7 +433,7 @@ def test_train_state_round_trip_ignores_unknown_keys():
     s = TrainState(step=7, epoch=2, position=40, best_metric=0.81, best_step=5, evals_since_best=1, last_eval_step=6)
     d = s.to_dict()
     assert d == {"step": 7, "epoch": 2, "position": 40, "best_metric": 0.81, "best_step": 5, "evals_since_best": 1,
-                 "last_eval_step": 6}
+                 "last_eval_step": 6, "skipped_steps": 0}
     assert TrainState.from_dict(d) == s
     assert TrainState.from_dict(json.loads(json.dumps(d))) == s
     extra = {**d, "lr_plan": {"warmup": 0}, "config": {}, "snapshots": ["best"], "world_size": 2, "rng_restored": True}

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from mmbert.artifact import build_model
-from mmbert.distributed.parallel import ParallelPlan, apply_fsdp, plan_units, units_by_size
+from mmbert.distributed.parallel import ParallelPlan, parallelize, plan_units, units_by_size
 from mmbert.errors import ConfigError
 from mmbert.models.classifier import ModelSpec
 
@@ -55,7 +55,7 @@ def test_apply_fsdp_creates_units(model, monkeypatch):
     try:
         env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "none")
         plan = ParallelPlan("fsdp", "class", ["BertLayer"], 0, "full", "fp32", True, False)
-        wrapped = apply_fsdp(model, plan, env)
+        wrapped = parallelize(model, plan, env)  # activation checkpointing, then fully_shard
         fsdp_names = [n for n, m in wrapped.named_modules() if isinstance(m, FSDPModule)]
         assert "" in fsdp_names and "fusion_head" in fsdp_names  # root always wrapped
         layers = [n for n in fsdp_names if n.startswith("text_encoder.encoder.encoder.layer.")]

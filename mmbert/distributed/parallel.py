@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from .env import DistEnv
 from .p2p_comm import use_p2p_collectives
+from .precision import DTYPES, resolve_precision, set_tf32
 
 log = logging.getLogger("mmbert")
 
@@ -38,10 +39,17 @@ class ParallelPlan:
     activation_checkpointing: bool
     cpu_offload: bool
     collectives: str = "p2p"  # gloo FSDP all-gather / reduce-scatter: p2p (mmbert.distributed.p2p_comm) | native
+    compile: bool = False  # torch.compile of every wrap unit of the encoder (train.compile)
+    tf32: bool = True  # fp32 matmuls on CUDA in TF32
+
+    def describe(self) -> str:
+        """What every rank runs, for the start-up line."""
+        return (f"strategy={self.strategy} precision={self.mixed_precision} activation_checkpointing="
+                f"{self.activation_checkpointing} compile={self.compile}")
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision]
+        return DTYPES[self.mixed_precision]
 
 
 def _env_bool(name: str) -> Optional[bool]:
@@ -68,7 +76,22 @@ def resolve_strategy(requested: Optional[str], world_size: int) -> str:
     return requested
 
 
-def resolve_plan(dcfg, device: torch.device, world_size: int = 1) -> ParallelPlan:
+def check_applies(dcfg, strategy: str, activation_checkpointing: bool):
+    """A dist.* key the config sets that this strategy cannot use is refused, never silently ignored."""
+    only_fsdp = {"sharding": dcfg.sharding, "collectives": dcfg.collectives, "cpu_offload": dcfg.cpu_offload}
+    units = {"wrap_policy": dcfg.wrap_policy, "wrap_classes": dcfg.wrap_classes, "min_params": dcfg.min_params}
+    if strategy == "fsdp":
+        return
+    for key, value in only_fsdp.items():
+        if value not in (None, False):
+            raise ConfigError(f"config key 'dist.{key}' needs strategy fsdp (this run: {strategy})")
+    for key, value in units.items():
+        if value is not None and not activation_checkpointing:
+            raise ConfigError(f"config key 'dist.{key}' picks FSDP units (or activation checkpointing units), "
+                              f"but this run is {strategy} without activation checkpointing")
+
+
+def resolve_plan(dcfg, device: torch.device, world_size: int = 1, compile: bool = False) -> ParallelPlan:
     env = os.environ
     strategy = resolve_strategy(dcfg.strategy, world_size)
     wrap = dcfg.wrap_policy or _ACC_WRAP.get(env.get("FSDP_AUTO_WRAP_POLICY", "").upper(), "class")
@@ -85,21 +108,17 @@ def resolve_plan(dcfg, device: torch.device, world_size: int = 1) -> ParallelPla
     if sharding is None:
         reshard = _env_bool("FSDP_RESHARD_AFTER_FORWARD")
         sharding = "auto" if reshard is None else ("full" if reshard else "shard_grad_op")
-    precision = dcfg.mixed_precision or _ACC_PRECISION.get(env.get("ACCELERATE_MIXED_PRECISION", "").lower(), "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmul is far slower than fp32 on CPUs
-    if precision != "fp32" and device.type == "cpu":
-        log.warning("mixed precision %s on CPU: expect it to be much slower than fp32", precision)
+    precision = resolve_precision(dcfg.mixed_precision or _ACC_PRECISION.get(
+        env.get("ACCELERATE_MIXED_PRECISION", "").lower()), device)
     ac = dcfg.activation_checkpointing
     if ac is None:
         ac = bool(_env_bool("FSDP_ACTIVATION_CHECKPOINTING"))
     offload = dcfg.cpu_offload
     if offload is None:
-        offload = bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
-    if strategy != "fsdp" and offload:
-        raise ConfigError("config key 'dist.cpu_offload' needs strategy fsdp")
+        offload = strategy == "fsdp" and bool(_env_bool("FSDP_OFFLOAD_PARAMS"))
+    check_applies(dcfg, strategy, ac)
     return ParallelPlan(strategy, wrap, classes, min_params, sharding, precision, ac, offload,
-                        dcfg.collectives or "p2p")
+                        dcfg.collectives or "p2p", compile, dcfg.tf32)
 
 
 # ----------------------------------------------------------------------------- wrap policies
@@ -216,12 +235,6 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
     if offload is not None:
         common["offload_policy"] = offload
     units = plan_units(model, plan.wrap_policy, plan.wrap_classes, plan.min_params)
-    if plan.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for name in units:
-            if name != "fusion_head" and "Embedding" not in type(model.get_submodule(name)).__name__:
-                _set_submodule(model, name, checkpoint_wrapper(model.get_submodule(name)))
     if plan.param_dtype != torch.float32:
         _keep_layernorms_fp32(model, common)
     # Frozen parameters never change, so every rank keeps them whole (as DDP does) instead of all-gathering
@@ -255,9 +268,33 @@ def _keep_layernorms_fp32(model: nn.Module, common: dict):
             m.register_forward_hook(lambda mod, args, out: out.to(mod._mmbert_in_dtype))
 
 
+def encoder_units(model: nn.Module, plan: ParallelPlan) -> list[str]:
+    """The wrap units that hold encoder computation (layers: not the embeddings, not the fusion head): what
+    activation checkpointing recomputes and train.compile compiles, on every strategy."""
+    units = plan_units(model, plan.wrap_policy, plan.wrap_classes, plan.min_params)
+    return [n for n in units if n != "fusion_head" and "Embedding" not in type(model.get_submodule(n)).__name__]
+
+
+def checkpoint_and_compile(model: nn.Module, plan: ParallelPlan):
+    """Activation checkpointing (non-reentrant: exact, the same losses) and torch.compile (dynamic shapes:
+    bucketed batches change length every step) of each encoder unit, in place, before any wrapping."""
+    if not (plan.activation_checkpointing or plan.compile):
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name in encoder_units(model, plan):
+        unit = model.get_submodule(name)
+        if plan.compile:
+            unit.compile(dynamic=True)  # in place: parameter names (checkpoints, model files) are unchanged
+        if plan.activation_checkpointing:
+            _set_submodule(model, name, checkpoint_wrapper(unit))
+
+
 def parallelize(model: nn.Module, plan: ParallelPlan, env: DistEnv) -> nn.Module:
     if not any(p.is_meta for p in model.parameters()):  # meta: a plan (benchmarks/plan.py), shapes only
         model.to(env.device)
+    set_tf32(env.device, plan.tf32 and plan.mixed_precision == "fp32")
+    checkpoint_and_compile(model, plan)
     if plan.strategy == "fsdp":
         return apply_fsdp(model, plan, env)
     if plan.strategy == "ddp":

@@ -26,6 +26,7 @@ from ..data.loader import default_workers, step_keys, step_loader
 from ..data.samplers import epoch_order, step_start, steps_per_epoch
 from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
+from ..distributed.precision import LossScaler, autocast
 from ..distributed.parallel import (
     all_reduce_max_flag,
     clip_grad_norm,
@@ -36,7 +37,7 @@ from ..distributed.parallel import (
 from ..errors import ConfigError
 from ..metrics import log_line, metric_row, task_metrics
 from ..models.text_encoder import position_limit
-from ..scoring import predict, run_model
+from ..scoring import predict, run_model, torch_scorer
 from ..task import loss_function, metric_mode_of, metric_of
 from .optim import build_optimizer, build_scheduler
 from .resume import check_resumable, describe_replan, plan_lr, resumed_run_data
@@ -147,6 +148,7 @@ class TrainState:
     best_step: Optional[int] = None
     evals_since_best: int = 0
     last_eval_step: int = -1
+    skipped_steps: int = 0  # fp16: optimizer steps skipped for inf/nan gradients
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -255,7 +257,8 @@ class Trainer:
         self.best_dir = os.path.join(self.out, "best")
         if self.tc.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.plan = resolve_plan(cfg.dist, env.device, env.world_size)
+        self.plan = resolve_plan(cfg.dist, env.device, env.world_size, compile=cfg.train.compile)
+        self.scaler = LossScaler(self.plan.mixed_precision, self.plan.strategy, env.device)
         self.state = TrainState()
         self.stop_reason: Optional[str] = None
         self.orders: dict[int, np.ndarray] = {}  # epoch -> global order (this one and the loader's next)
@@ -315,6 +318,7 @@ class Trainer:
         if resume_path:
             self.state, saved = restore(resume_path, self.model, self.optimizer, self.run_cfg, env, self.best_dir)
             state = self.state
+            self.scaler.load_state_dict(saved.get("grad_scaler"))
             if not saved.get("rng_restored"):
                 torch.manual_seed(tc.seed + 1000 * env.rank + 7919 * state.step)
             # the saved epoch ended (or the new world size's batch doesn't fit)
@@ -342,10 +346,11 @@ class Trainer:
             yaml.safe_dump(resolved, f, sort_keys=False)
         self.mlog.log_config(resolved)
         self.pre.save(os.path.join(self.out, PREPROCESSING))
-        chosen = " (auto)" if self.cfg.dist.strategy in (None, "auto") else ""
-        log.info("launcher=%s world=%d device=%s strategy=%s%s threads=%d | %d params | train %d rows, val %d rows | "
+        runs = plan.describe().replace(f"strategy={plan.strategy}", f"strategy={plan.strategy} (auto)", 1) \
+            if self.cfg.dist.strategy in (None, "auto") else plan.describe()
+        log.info("launcher=%s world=%d device=%s %s threads=%d | %d params | train %d rows, val %d rows | "
                  "%d steps/epoch of %d samples, %d steps total", env.launcher, env.world_size, env.device,
-                 plan.strategy, chosen, torch.get_num_threads(), self.n_params, self.n,
+                 runs, torch.get_num_threads(), self.n_params, self.n,
                  len(self.val_ds) if self.val_ds else 0, self.spe, self.G, self.total_steps)
 
     # ---- one step
@@ -397,17 +402,24 @@ class Trainer:
         for m, hb in enumerate(host):
             batch = move_batch(hb, env.device)
             with grad_sync(self.model, self.plan, sync=(m == tc.grad_accum - 1)):
-                ls = self.loss(run_model(self.model, batch), batch["labels"])
-                (ls * env.world_size / denom).backward()  # DDP/FSDP average gradients over W ranks
+                with self.autocast():
+                    ls = self.loss(run_model(self.model, batch), batch["labels"])
+                self.scaler.scale(ls * env.world_size / denom).backward()  # DDP/FSDP average gradients over W
             loss_sum += ls.detach()
+        self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.params, tc.max_grad_norm)
-        self.optimizer.step()
+        if not self.scaler.step(self.optimizer):
+            state.skipped_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.position += self.G
         return StepStats(loss_sum, denom, sum(c[0] for c in counts), sum(c[1] for c in counts), grad_norm,
                          t_start, cpu_start)
+
+    def autocast(self):
+        """Forward and loss in the run's precision (none / ddp: autocast; FSDP casts through its policy)."""
+        return autocast(self.plan.mixed_precision, self.plan.strategy, self.env.device)
 
     def log_step(self, st: StepStats):
         """Collective: the step's metrics record (loss over the global batch, throughput, CPU seconds)."""
@@ -426,16 +438,27 @@ class Trainer:
                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(st.grad_norm),
                          "samples_per_s": self.G / dt, "tokens_per_s": float(stats[1]) / dt,
                          "padded_tokens_per_s": float(stats[2]) / dt, "step_time_s": dt, "cpu_s": float(stats[3]),
-                         "elapsed_s": time.time() - self.t0})
+                         "elapsed_s": time.time() - self.t0, **self.device_stats()})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", sps=f"{self.G / dt:.1f}")
+
+    def device_stats(self) -> dict:
+        """fp16's loss scale and skipped steps; on CUDA the peak memory allocated since the last log step."""
+        out = {}
+        if self.scaler.enabled:
+            out.update(grad_scale=self.scaler.value, skipped_steps=self.state.skipped_steps)
+        if self.env.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+        return out
 
     # ---- evaluation and checkpoints
     def evaluate(self):
         """Collective: score val on every rank, log it, keep best/ and count towards early stopping."""
         tc, env, state, val_ds = self.tc, self.env, self.state, self.val_ds
         _, _, scores = predict(self.model, val_ds, env.rank, env.world_size, env.device,
-                              tc.eval_batch_size or 2 * tc.batch_size, self.pad_id, progress=False)
+                              tc.eval_batch_size or 2 * tc.batch_size, self.pad_id, progress=False,
+                              scorer=torch_scorer(self.model, env.device, self.autocast))
         metrics = task_metrics(val_ds.enc.labels, scores, self.pre)
         state.last_eval_step = state.step
         self.mlog.write({"step": state.step, "epoch": state.epoch, "split": "val",
@@ -465,7 +488,7 @@ class Trainer:
         """Collective: a checkpoint of the whole TrainState, the lr plan, the config and best/ as it is now."""
         ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
                              {**self.state.to_dict(), "lr_plan": self.lr_plan.to_dict(), "config": self.run_cfg,
-                              "snapshots": ["best"],
+                              "snapshots": ["best"], "grad_scaler": self.scaler.state_dict(),
                               "preprocessing": self.pre.to_dict(), "data_files": self.data_files},
                              self.tc.keep_checkpoints, self.env.rank, with_dirs={"best": self.best_dir})
 
@@ -510,7 +533,8 @@ class Trainer:
             if self.val_ds is not None and ((tc.eval_every and state.step % tc.eval_every == 0)
                                             or (state.position + self.G > self.n and tc.eval_each_epoch) or last):
                 self.evaluate()
-            if all_reduce_max_flag(preempt.requested, self.env.device):
+            # a host sync (on CUDA: the device drains) only on log steps, where every rank checks alike
+            if log_step and all_reduce_max_flag(preempt.requested, self.env.device):
                 self.save()
                 if self.env.is_main:
                     requeue_under_slurm()

@@ -137,6 +137,8 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                                                         "in the order listed")
     p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="PyTorch scoring: autocast dtype (auto: bf16 on CUDA, fp32 on CPU, as training)")
     p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--no-cache", action="store_true", help="read and tokenize the rows on every rank instead of once "
@@ -167,6 +169,9 @@ def parse_eval_args(argv, prog: str = "evaluate.py") -> argparse.Namespace:
         if v is not None and v < 1:
             raise ConfigError(f"{prog}: --{name.replace('_', '-')} must be >= 1, got {v}")
     check_importance_args(args, prog)
+    if args.onnx and args.precision != "auto":
+        raise ConfigError(f"{prog}: --precision applies to PyTorch scoring; an ONNX graph runs in the precision it "
+                          f"was exported in (export.py --quantize int8 for a quantized copy)")
     if not args.model_dir and not args.onnx:
         raise ConfigError(f"{prog}: give --model-dir (a trained model) or --onnx (an exported one)")
     if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: the CUDA end-to-end tests (tests/test_gpu.py, marker `gpu`) and a short throughput run of the
-# real encoder (the shipped config: all-MiniLM-L6-v2, FSDP2 bf16) on one GPU and, with 2+ GPUs, on all of them.
+# The GPU check: the CUDA end-to-end tests (tests/test_gpu.py, marker `gpu`) and short throughput runs of the
+# real encoder (the shipped config: all-MiniLM-L6-v2, bf16): none (eager and compiled) and FSDP2 on one GPU and,
+# with 2+ GPUs, DDP (eager and compiled) and FSDP2 on all of them.
 #
 #   scripts/gpu_check.sh                    # from anywhere; uses .venv/bin/python when present
 #   STEPS=100 BATCH=64 scripts/gpu_check.sh # a longer throughput run
@@ -37,24 +38,26 @@ echo "== tests/test_gpu.py ($NGPU GPU(s))"
 "$PY" -m pytest -m gpu tests/test_gpu.py -v -rs -s
 tests_rc=$?
 
-throughput() {  # $1 = processes
-  local n="$1" out
+throughput() {  # $1 = processes, $2 = strategy, $3 = label, then extra train.py arguments
+  local n="$1" strategy="$2" label="$3" out
+  shift 3
   out="$(mktemp -d)/run"
   local cmd=("$PY")
   [ "$n" -gt 1 ] && cmd=("$PY" -m torch.distributed.run --nproc_per_node "$n" --rdzv-backend c10d
                          --rdzv-endpoint localhost:0 --max-restarts 0)
-  if ! "${cmd[@]}" train.py --config configs/womens_clothing.yaml --output-dir "$out" --strategy fsdp \
+  if ! "${cmd[@]}" train.py --config configs/womens_clothing.yaml --output-dir "$out" --strategy "$strategy" \
       --set dist.mixed_precision=bf16 --max-steps "$STEPS" --batch-size "$BATCH" --log-every 5 \
-      --max-train-rows $((STEPS * BATCH * n)) --max-eval-rows 64 >"$out.log" 2>&1; then
-    tail -30 "$out.log"; echo "gpu_check: throughput run on $n GPU(s) failed"; return 1
+      --max-train-rows $((STEPS * BATCH * n)) --max-eval-rows 64 "$@" >"$out.log" 2>&1; then
+    tail -30 "$out.log"; echo "gpu_check: throughput run ($label) on $n GPU(s) failed"; return 1
   fi
-  "$PY" - "$out/metrics.jsonl" "$n" "$CARD" "$BATCH" <<'PYEOF'
+  "$PY" - "$out/metrics.jsonl" "$n" "$CARD" "$BATCH" "$label" <<'PYEOF'
 import json, os, statistics, sys
 sys.path.insert(0, "benchmarks")
 from common import encoder_shapes
-recs = [r for r in map(json.loads, open(sys.argv[1])) if "samples_per_s" in r][1:]  # first window: warm-up
+recs = [r for r in map(json.loads, open(sys.argv[1])) if "samples_per_s" in r][2:]  # warm-up (and compile) windows
 sps = statistics.median(r["samples_per_s"] for r in recs)
 tps = statistics.median(r["tokens_per_s"] for r in recs)
+mem = max(r.get("peak_mem_gib", 0) for r in recs)
 # MFU: 6 x non-embedding parameters per real token (forward + backward; attention's T^2 term left out, so a
 # lower bound) against the card's dense bf16 peak; PEAK_TFLOPS overrides the table
 PEAKS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "A6000": 155}
@@ -62,8 +65,9 @@ card, n = sys.argv[3], int(sys.argv[2])
 peak = float(os.environ.get("PEAK_TFLOPS") or next((v for k, v in PEAKS.items() if k in card), 0))
 flops = 6 * encoder_shapes("sentence-transformers/all-MiniLM-L6-v2")["non_embedding_params"] * tps
 mfu = f"MFU {100 * flops / (peak * 1e12 * n):.2f}% of {peak:g} TFLOPS bf16 per GPU" if peak else "MFU n/a (set PEAK_TFLOPS)"
-print(f"throughput: all-MiniLM-L6-v2, FSDP2 bf16, {n} x {card}, batch {sys.argv[4]}/GPU: "
-      f"{sps:.1f} samples/s, {tps:.0f} real tokens/s, {mfu} (median of {len(recs)} logged windows)")
+print(f"throughput: all-MiniLM-L6-v2, {sys.argv[5]}, {n} x {card}, batch {sys.argv[4]}/GPU: "
+      f"{sps:.1f} samples/s, {tps:.0f} real tokens/s, {mfu}, peak {mem:.2f} GiB allocated "
+      f"(median of {len(recs)} logged windows)")
 PYEOF
   local rc=$?
   rm -rf "$(dirname "$out")"
@@ -72,8 +76,14 @@ PYEOF
 
 echo "== real-encoder throughput ($STEPS steps)"
 tp_rc=0
-throughput 1 || tp_rc=1
-if [ "$NGPU" -gt 1 ]; then throughput "$NGPU" || tp_rc=1; fi
+throughput 1 none "none bf16" || tp_rc=1
+throughput 1 none "none bf16 compile" --set train.compile=true || tp_rc=1
+throughput 1 fsdp "FSDP2 bf16" || tp_rc=1
+if [ "$NGPU" -gt 1 ]; then
+  throughput "$NGPU" ddp "DDP bf16" || tp_rc=1
+  throughput "$NGPU" ddp "DDP bf16 compile" --set train.compile=true || tp_rc=1
+  throughput "$NGPU" fsdp "FSDP2 bf16" || tp_rc=1
+fi
 [ $tests_rc -eq 0 ] && [ $tp_rc -eq 0 ] && echo "gpu_check: OK on $CARD" && exit 0
 echo "gpu_check: FAILED (tests rc=$tests_rc, throughput rc=$tp_rc)"
 exit 1

@@ -1,5 +1,5 @@
 """End to end on CUDA (scripts/gpu_check.sh runs these): FSDP2 in bf16 on 1 GPU and on every GPU through torchrun,
-activation checkpointing, CPU offload, a checkpoint + --resume auto, evaluate.py on N ranks, export.py of the
+bf16 and fp16 on every strategy, activation checkpointing, CPU offload, a checkpoint + --resume auto, evaluate.py on N ranks, export.py of the
 GPU-trained model, and a samples/s line. Every test skips on a machine without a CUDA GPU."""
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ def records(out) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r and "samples_per_s" in r]
 
 
-def check_run(r, out, steps: int, world: int = 1):
+def check_run(r, out, steps: int, world: int = 1, strategy: str = "fsdp", precision: str = "bf16"):
     log = r.stdout + r.stderr
-    assert f"world={world} device=cuda:0 strategy=fsdp" in log, log[-3000:]
-    assert "precision=bf16" in log
+    assert f"world={world} device=cuda:0 strategy={strategy} precision={precision}" in log, log[-3000:]
     recs = records(out)
     assert [x["step"] for x in recs][-1] == steps and all(math.isfinite(x["loss"]) for x in recs)
+    assert all(x["peak_mem_gib"] > 0 for x in recs)
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
     return recs
 
@@ -73,6 +73,18 @@ def test_fsdp_bf16_one_gpu_checkpoint_and_resume(gpu_run):
 def test_fsdp_bf16_all_gpus_torchrun(gpu_cfg, tmp_path):
     n = min(NGPU, 8)
     check_run(train(gpu_cfg, tmp_path / "run", *BF16, "--max-steps", "3", nproc=n), tmp_path / "run", 3, world=n)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"])
+def test_mixed_precision_on_every_strategy(gpu_cfg, tmp_path, strategy, precision):
+    """bf16 and fp16 (loss scaling) on each strategy: none on one GPU, DDP / FSDP on up to two."""
+    n = 1 if strategy == "none" else min(NGPU, 2)
+    r = train(gpu_cfg, tmp_path / "run", "--strategy", strategy, "--set", f"dist.mixed_precision={precision}",
+              "--max-steps", "6", "--set", "train.log_every=1", nproc=n)
+    recs = check_run(r, tmp_path / "run", 6, world=n, strategy=strategy, precision=precision)
+    if precision == "fp16":
+        assert all(x["grad_scale"] > 0 and x["skipped_steps"] < 6 for x in recs)
 
 
 @pytest.mark.parametrize("key", ["dist.activation_checkpointing=true", "dist.cpu_offload=true"])

@@ -101,3 +101,23 @@ def test_compiled_encoder_layers_train_like_eager(cfg_for, tmp_path, strategy):
                           STRATEGIES[strategy], steps=3)
     assert "compile=True" in compiled["runs"]
     assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_in_the_precision_asked(model_dir, work, tmp_path):
+    """evaluate.py's PyTorch scoring autocasts like training (auto: fp32 on CPU, bf16 on CUDA)."""
+    import pandas as pd
+
+    from conftest import eval_cli
+
+    probs = {}
+    for precision in ("auto", "bf16"):
+        r = eval_cli(model_dir, str(work / "good.csv"), tmp_path / precision, "--precision", precision)
+        assert r.returncode == 0, r.stderr[-2000:]
+        pred = pd.read_csv(tmp_path / precision / "predictions.tsv", sep="\t")
+        probs[precision] = pred.filter(like="prob").to_numpy()
+    diff = abs(probs["auto"] - probs["bf16"]).max()
+    assert 0 < diff < 0.02, diff  # bf16 matmuls: a little different, the same model
+    r = eval_cli(model_dir, str(work / "good.csv"), tmp_path / "x", "--onnx", str(tmp_path / "m.onnx"),
+                 "--precision", "bf16")
+    assert r.returncode == 2 and "--precision applies to PyTorch scoring" in r.stderr

@@ -35,6 +35,7 @@ from ..data.dataset import TableDataset
 from ..data.tokenize import pad_id
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.gather import gather_objects
+from ..distributed.precision import autocast, resolve_precision
 from ..ensemble import open_models
 from ..errors import ArtifactError, ConfigError, MMBertError
 from ..metrics import per_class_report, summary_table, task_metrics
@@ -62,7 +63,8 @@ def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
     in a plain model on this rank's device (an ensemble of them with several directories)."""
     md = open_models(model_dirs(args), args.trust_remote_code)
     md.model.to(env.device)
-    return torch_scorer(md.model, env.device), md.pre, md.tokenizer
+    precision = resolve_precision(args.precision, env.device)
+    return torch_scorer(md.model, env.device, lambda: autocast(precision, "none", env.device)), md.pre, md.tokenizer
 
 
 # A scorer loader returns (batch -> scores callable, Preprocessor, tokenizer); run_evaluation takes it as

@@ -5,7 +5,13 @@
     encoder/config.json    the text encoder's HF config (architecture only, no weights download)
     tokenizer/             tokenizer files (tokenizer.json, vocab ...)
     preprocessing.json     column roles, numeric statistics, vocabularies, label map
-    config.yaml            the resolved training config (informational)
+    config.yaml            the resolved training config (its data section re-selects splits)
+    integrity.json         one digest over the parts above (each part's sha256), written last when the folder
+                           is saved and verified whenever it is opened: a folder whose parts come from
+                           different runs (a model.safetensors copied in from another run) is refused
+                           naming the part. A folder saved before digests loads with one warning.
+
+Nothing is read through a symbolic link that leaves the folder, and every file follows the umask.
 """
 from __future__ import annotations
 
@@ -18,16 +24,20 @@ from typing import Optional
 
 import torch
 
+from . import fsutil
 from .config import FUSIONS, POOLINGS, Config, config_from_dict
 from .data.preprocess import Preprocessor, is_int
 from .errors import ArtifactError, ConfigError, read_json_object
-from .task import CLASSIFICATION, REGRESSION
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
 from .models.text_encoder import position_limit
+from .task import CLASSIFICATION, REGRESSION
 
 WEIGHTS = "model.safetensors"
 SPEC = "model_spec.json"
 PREPROCESSING = "preprocessing.json"
+INTEGRITY = "integrity.json"
+# what opening a model folder reads, in the order a mismatch is named (the label map first)
+PARTS = (PREPROCESSING, SPEC, WEIGHTS, "tokenizer", "encoder", "config.yaml")
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")  # config keys that count built layers
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -52,6 +62,7 @@ def save_artifact(out_dir: str, state_dict: dict, spec: ModelSpec, model: Multim
     os.makedirs(tmp)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "producer": "mmbert"})
+    fsutil.follow_umask(os.path.join(tmp, WEIGHTS))  # safetensors writes 0600: unreadable to anyone else
     with open(os.path.join(tmp, SPEC), "w") as f:
         json.dump(spec.to_dict(), f, indent=1)
     if model.text_encoder is not None:
@@ -64,6 +75,7 @@ def save_artifact(out_dir: str, state_dict: dict, spec: ModelSpec, model: Multim
 
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config_dict, f, sort_keys=False)
+    seal_model_dir(tmp)
     if os.path.isdir(out_dir):
         old = out_dir.rstrip("/") + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -74,6 +86,52 @@ def save_artifact(out_dir: str, state_dict: dict, spec: ModelSpec, model: Multim
         os.replace(tmp, out_dir)
 
 
+# ----------------------------------------------------------------------------- one digest per folder
+
+def seal_model_dir(model_dir: str) -> str:
+    """Record the digest of the folder's parts in integrity.json (the weights are hashed this once, while
+    they are still in the page cache) and return it."""
+    parts = fsutil.part_digests(model_dir, PARTS)
+    digest = fsutil.combine(parts)
+    with open(os.path.join(model_dir, INTEGRITY), "w", encoding="utf-8") as f:
+        json.dump({"format": 1, "digest": digest, "parts": parts}, f, indent=1)
+    return digest
+
+
+def read_integrity(model_dir: str) -> Optional[dict]:
+    """integrity.json, its parts checked to add up to its digest; None when the folder has none (saved
+    before digests)."""
+    path = os.path.join(model_dir, INTEGRITY)
+    if not os.path.lexists(path):
+        return None
+    fsutil.inside(model_dir, path)
+    raw = read_json_object(path, f"{path} not found")
+    fsutil.recorded_parts(raw, path)
+    return raw
+
+
+def verify_model_dir(model_dir: str, current: dict) -> str:
+    """The folder's digest, after checking its parts' `current` digests against integrity.json (a folder
+    without one: one warning, and the digest of what it holds now)."""
+    raw = read_integrity(model_dir)
+    if raw is None:
+        fsutil.warn_unverified(model_dir, f"has no {INTEGRITY} (saved by an older mmbert)")
+        return fsutil.combine(current)
+    part = fsutil.first_difference(raw["parts"], current)
+    if part is not None:
+        state = "is missing" if current[part] is None else "is not the one saved with it"
+        raise ArtifactError(f"model folder {model_dir}: {part} {state} (its digest differs from {INTEGRITY}): the "
+                            f"folder mixes files of different runs, or {part} was changed after saving; use the "
+                            f"run's own folder")
+    return raw["digest"]
+
+
+def model_dir_digest(model_dir: str) -> str:
+    """The digest a model folder records (or, saved before digests, of what it holds now)."""
+    raw = read_integrity(model_dir)
+    return raw["digest"] if raw is not None else fsutil.combine(fsutil.part_digests(model_dir, PARTS))
+
+
 def load_weights(path: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -82,6 +140,8 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"model weights not found: {path}")
     try:
         return load_file(path)
+    except PermissionError as e:
+        raise fsutil.read_error(path, e) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
@@ -96,6 +156,8 @@ def read_weights_header(path: str) -> dict[str, tuple[list[int], str]]:
     try:
         with safe_open(path, "pt") as f:
             return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except PermissionError as e:
+        raise fsutil.read_error(path, e) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
@@ -225,10 +287,14 @@ def check_max_tokens(pre: Preprocessor, model: MultimodalClassifier, model_dir: 
                             f"the {positions} positions (max_position_embeddings) of encoder/config.json")
 
 
-def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple[ModelSpec, Preprocessor]:
+def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple[ModelSpec, Preprocessor, str]:
     """Every file of a model directory checked against the others before any weight is allocated: a
-    tampered file is one error naming it (and the field), never a traceback or a multi-GB allocation."""
+    tampered file is one error naming it (and the field), never a traceback or a multi-GB allocation; then
+    the parts against the digest recorded when the folder was saved. Returns (spec, preprocessing, digest)."""
     require_model_dir(model_dir)
+    # first: every part is hashed (a link out of the folder or an unreadable file is refused here, before
+    # anything reads through it); compared last, so a damaged file is named by the precise checks below
+    current = fsutil.part_digests(model_dir, PARTS)
     spec = read_spec(model_dir)
     pre = Preprocessor.load(os.path.join(model_dir, PREPROCESSING))
     check_spec_against_preprocessing(spec, pre, model_dir)
@@ -237,7 +303,7 @@ def validate_model_dir(model_dir: str, trust_remote_code: bool = False) -> tuple
     meta = _meta_model(spec, model_dir, trust_remote_code)
     check_weights_match(meta, spec, header, model_dir)
     check_max_tokens(pre, meta, model_dir)
-    return spec, pre
+    return spec, pre, verify_model_dir(model_dir, current)
 
 
 @dataclass
@@ -249,6 +315,7 @@ class ModelDir:
     tokenizer: object
     model: MultimodalClassifier  # float weights, eval mode, on the CPU (an EnsembleModel for an ensemble)
     members: Optional[list[str]] = None  # an ensemble's member directories (mmbert/ensemble.py)
+    digest: Optional[str] = None  # integrity.json's digest (an ensemble: its first member's)
 
     @property
     def pad_id(self) -> int:
@@ -266,7 +333,7 @@ def open_model_dir(model_dir: str, trust_remote_code: bool = False) -> ModelDir:
     never loaded, and no remote code runs unless trust_remote_code."""
     from .data.tokenize import load_tokenizer
 
-    spec, pre = validate_model_dir(model_dir, trust_remote_code)
+    spec, pre, digest = validate_model_dir(model_dir, trust_remote_code)
     weights = load_weights(os.path.join(model_dir, WEIGHTS))
     model = build_model(spec, None, pretrained=False, trust_remote_code=trust_remote_code,
                         encoder_config_dir=os.path.join(model_dir, "encoder"))
@@ -274,7 +341,7 @@ def open_model_dir(model_dir: str, trust_remote_code: bool = False) -> ModelDir:
     model.eval()
     tok_dir = os.path.join(model_dir, "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else pre.tokenizer, trust_remote_code)
-    return ModelDir(model_dir, spec, pre, tokenizer, model)
+    return ModelDir(model_dir, spec, pre, tokenizer, model, digest=digest)
 
 
 def read_run_config(model_dir: str) -> Config:
@@ -286,9 +353,12 @@ def read_run_config(model_dir: str) -> Config:
     path = os.path.join(model_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ArtifactError(f"{path} not found: give the data (--data, and --indices) explicitly")
+    fsutil.inside(model_dir, path)
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
+    except PermissionError as e:
+        raise fsutil.read_error(path, e) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):

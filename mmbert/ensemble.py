@@ -4,7 +4,11 @@ whose probabilities are the mean of the members' probabilities.
 For a regression the members' predictions are averaged. An ensemble is named by a list of model directories, or by a folder holding `ensemble.json` (written by
 `train.py --seeds`, members relative to that folder):
 
-    {"format": 1, "combine": "mean_probability", "members": [{"dir": "seed_42/final", "seed": 42}, ...]}
+    {"format": 1, "combine": "mean_probability",
+     "members": [{"dir": "seed_42/final", "seed": 42, "digest": "<its integrity.json digest>"}, ...]}
+
+Each member's digest is recorded when ensemble.json is written and compared when it is read: a member
+retrained, replaced or edited since is refused (an ensemble.json without digests loads with one warning).
 
 Members must read the same rows the same way: identical preprocessing.json (column roles, fitted
 statistics, vocabularies, label map, max_tokens / max_chunks) and identical tokenizer files. Their
@@ -84,8 +88,23 @@ def read_ensemble(folder: str) -> list[str]:
         if not is_model_dir(full):
             raise ArtifactError(f"{path}: member {i} ({d}) is not a model directory (no {full}/model_spec.json): "
                                 f"was its training interrupted? finish it with train.py --seeds ... --resume auto")
+        _check_member_digest(path, i, d, full, m.get("digest"))
         dirs.append(full)
     return dirs
+
+
+def _check_member_digest(path: str, i: int, d: str, full: str, recorded):
+    """The member is the model ensemble.json was written with (the member's own integrity.json then ties
+    its files to that digest when it is opened)."""
+    from .artifact import model_dir_digest
+    from .fsutil import warn_unverified
+
+    if recorded is None:
+        warn_unverified(os.path.dirname(path), f"lists members without digests in {ENSEMBLE_FILE} (written by an "
+                                               f"older mmbert)")
+    elif recorded != model_dir_digest(full):
+        raise ArtifactError(f"{path}: member {i} ({d}) is not the model this ensemble was written with (its digest "
+                            f"differs: retrained, replaced or edited since); rerun train.py --seeds to rewrite it")
 
 
 def resolve_model_dirs(paths) -> list[str]:
@@ -113,8 +132,13 @@ def resolve_model_dirs(paths) -> list[str]:
 
 
 def write_ensemble(folder: str, members: list[dict]):
-    """folder/ensemble.json, written whole (members: {"dir": relative path, ...extra})."""
+    """folder/ensemble.json, written whole (members: {"dir": relative path, ...extra}); each existing member's
+    digest is recorded with it."""
+    from .artifact import model_dir_digest
+
     path = os.path.join(folder, ENSEMBLE_FILE)
+    members = [dict(m, digest=model_dir_digest(os.path.join(folder, m["dir"])))
+               if is_model_dir(os.path.join(folder, m["dir"])) else m for m in members]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"format": 1, "combine": COMBINE, "members": members}, f, indent=1)
     os.replace(path + ".tmp", path)

@@ -3,7 +3,10 @@ no torch). Used by `evaluate.py --onnx`, `mmbert.load(export_folder)` and `mmber
 
 An export folder (written by export.py) holds the ONNX file(s) and what serving raw rows needs:
 preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, graph inputs,
-verification report). The graph maps collated tensors to scores, named by the model's task:
+verification report). The manifest records one digest over the graph file(s) and every file beside them that
+serving reads (EXPORT_PARTS: the label map, preprocessing, tokenizer, spec, config): OnnxScorer verifies each
+part before it scores, so a graph copied in from another export (or an edited label map) is refused naming
+the part. The graph maps collated tensors to scores, named by the model's task:
 
     input_ids       int64   batch x chunks x tokens     (absent for tab_only)
     attention_mask  int64   batch x chunks x tokens     (absent for tab_only)
@@ -18,13 +21,15 @@ A reader takes the graph's one output, `probabilities` or `prediction` (OUTPUTS)
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 
+from . import fsutil
 from .errors import ArtifactError, read_json_object
+from .fsutil import sha256
 
 INPUTS = ("input_ids", "attention_mask", "numeric", "missing", "categorical")
 OUTPUT = "probabilities"
@@ -36,16 +41,10 @@ def output_name(task: str) -> str:
     return REGRESSION_OUTPUT if task == "regression" else OUTPUT
 
 MANIFEST = "onnx_manifest.json"
+# what serving reads beside the graph, in the order a mismatch is named (the label map first)
+EXPORT_PARTS = ("preprocessing.json", "model_spec.json", "tokenizer", "config.yaml")
 _DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(int32)": np.int32,
            "tensor(double)": np.float64}
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def first_line(e: BaseException) -> str:
@@ -100,7 +99,53 @@ def score_dataset(score: Callable[[dict], object], ds, pad_id: int, num_classes:
 def read_manifest(folder: str) -> dict:
     """onnx_manifest.json of an export folder ({} when it has none)."""
     path = os.path.join(folder, MANIFEST)
-    return read_json_object(path, "") if os.path.isfile(path) else {}
+    if not os.path.lexists(path):
+        return {}
+    fsutil.inside(folder, path)
+    return read_json_object(path, "")
+
+
+def export_parts(folder: str, graph_files) -> dict:
+    """{part: sha256} of an export folder: what serving reads beside the graph, then the graph file(s) (and
+    their external data). Links out of the folder are refused."""
+    return fsutil.part_digests(folder, [*EXPORT_PARTS, *sorted(graph_files)])
+
+
+def verify_export(path: str, folder: str, manifest: dict) -> Optional[str]:
+    """The export's digest, after checking every part of the folder against the manifest (one line naming
+    the part that differs). An export from before digests is served with one warning; a folder with
+    preprocessing beside the graph but no manifest at all is refused (nothing ties them together)."""
+    if not manifest:
+        held = [n for n in EXPORT_PARTS if os.path.lexists(os.path.join(folder, n))]
+        if held:
+            raise ArtifactError(f"export folder {folder} has no {MANIFEST}: nothing ties {os.path.basename(path)} to "
+                                f"the {', '.join(held)} beside it; export the model again")
+        return None  # a bare graph: scores() only, nothing read beside it
+    if manifest.get("parts") is None:
+        _check_graph_checksum(path, manifest)
+        fsutil.warn_unverified(folder, f"has an {MANIFEST} without a digest (exported by an older mmbert)")
+        return None
+    recorded = fsutil.recorded_parts(manifest, os.path.join(folder, MANIFEST))
+    graphs = [n for n in recorded if n not in EXPORT_PARTS]
+    part = fsutil.first_difference(recorded, export_parts(folder, graphs))
+    if part in graphs:
+        raise ArtifactError(f"{os.path.join(folder, part)} does not match the checksum in {MANIFEST}: the file was "
+                            f"modified, truncated or corrupted after export, or copied from another export; re-export")
+    if part is not None:
+        raise ArtifactError(f"export folder {folder}: {part} is not the one exported with {', '.join(graphs)} (its "
+                            f"digest differs from {MANIFEST}): the folder mixes files of different exports, or {part} "
+                            f"was changed after export; export the model again")
+    if os.path.basename(path) not in graphs:
+        raise ArtifactError(f"{path} is not listed in {MANIFEST} beside it: it is not this folder's export")
+    return manifest["digest"]
+
+
+def _check_graph_checksum(path: str, manifest: dict):
+    """An export from before digests: its graph file against the manifest's checksum."""
+    entry = manifest.get("files", {}).get(os.path.basename(path))
+    if entry and entry.get("sha256") and sha256(path) != entry["sha256"]:
+        raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was modified, truncated "
+                            f"or corrupted after export; re-export it")
 
 
 class OnnxScorer:
@@ -108,8 +153,9 @@ class OnnxScorer:
 
     OnnxScorer(path, threads=None, check_integrity=True)
         path: an exported .onnx file (fp32 `model.onnx` or `model.int8.onnx`), or the export folder
-        (then `model.onnx` in it). The folder's onnx_manifest.json checksum is checked when it lists the
-        file (check_integrity=False skips it); a missing, truncated, tampered or non-ONNX file raises
+        (then `model.onnx` in it). Every part of the folder (graph files, preprocessing.json, tokenizer/,
+        model_spec.json, config.yaml) is checked against the digests onnx_manifest.json recorded at export
+        (check_integrity=False skips it); a missing, truncated, tampered, mixed-in or non-ONNX file raises
         ArtifactError with one clear line.
 
     scores(batch) -> np.ndarray float32, shape (B, num_classes), rows in batch order: the graph's output
@@ -126,6 +172,7 @@ class OnnxScorer:
     num_classes: int         scores per row (1 for a regression)
     folder: str              the export folder
     manifest: dict           onnx_manifest.json (empty when the folder has none)
+    digest: str | None       the export's verified digest (None: not verified, or exported before digests)
     preprocessor, tokenizer  loaded lazily from the folder (preprocessing.json, tokenizer/): the same
                              preprocessing as training, for serving raw rows
     pad_id: int              the tokenizer's pad id, for collate(ds, idx, scorer.pad_id)
@@ -142,10 +189,7 @@ class OnnxScorer:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
         self.manifest = read_manifest(self.folder)
-        entry = self.manifest.get("files", {}).get(os.path.basename(path))
-        if check_integrity and entry and entry.get("sha256") and sha256(path) != entry["sha256"]:
-            raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: the file was modified, truncated "
-                                f"or corrupted after export; re-export it")
+        self.digest = verify_export(path, self.folder, self.manifest) if check_integrity else None
         self.session = session(path, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = [n for n in self.input_names if n not in INPUTS]
@@ -171,7 +215,9 @@ class OnnxScorer:
         if self._pre is None:
             from .data.preprocess import Preprocessor
 
-            self._pre = Preprocessor.load(os.path.join(self.folder, "preprocessing.json"))
+            path = os.path.join(self.folder, "preprocessing.json")
+            fsutil.inside(self.folder, path)  # checked by the digest too, unless check_integrity=False
+            self._pre = Preprocessor.load(path)
         return self._pre
 
     @property
@@ -180,6 +226,7 @@ class OnnxScorer:
             from .data.tokenize import load_tokenizer
 
             tok_dir = os.path.join(self.folder, "tokenizer")
+            fsutil.part_files(self.folder, "tokenizer")  # no link out of the folder, whatever check_integrity
             self._tok = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else self.preprocessor.tokenizer)
         return self._tok
 

@@ -46,7 +46,7 @@ def test_pickles_in_a_model_dir_are_never_loaded(model_dir, work, tmp_path, monk
     dir loads from safetensors + JSON only, with trust_remote_code off, and scores normally."""
     import pickle
 
-    from mmbert.artifact import open_model_dir
+    from mmbert.artifact import open_model_dir, seal_model_dir
 
     d = tmp_path / "final"
     shutil.copytree(model_dir, d)
@@ -60,6 +60,7 @@ def test_pickles_in_a_model_dir_are_never_loaded(model_dir, work, tmp_path, monk
     cfg = json.loads((d / "encoder" / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
     (d / "encoder" / "config.json").write_text(json.dumps(cfg))
+    seal_model_dir(str(d))  # a hostile folder can carry a matching digest: the loaders themselves must hold
 
     def refuse(*a, **k):
         raise AssertionError("a pickle loader was called")

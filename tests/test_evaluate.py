@@ -372,11 +372,14 @@ def test_ids_come_back_exactly_in_every_prediction_file(work, model_dir, tmp_pat
 def nan_model(model_dir, work):
     from safetensors.torch import load_file, save_file
 
+    from mmbert.artifact import seal_model_dir
+
     d = work / "nan_final"
     shutil.copytree(model_dir, d)
     sd = load_file(d / "model.safetensors")
     sd["fusion_head.fusion.head.out.bias"][0] = float("nan")
     save_file(sd, d / "model.safetensors")
+    seal_model_dir(str(d))  # as if trained to NaN: the folder's digest matches, the NaN check must hold
     return str(d)
 
 
@@ -511,10 +514,13 @@ def limited_eval(model: str, out, *args: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_tampered_model_dir_is_one_line_before_allocating(work, model_dir, tmp_path, case):
+    from mmbert.artifact import seal_model_dir
+
     edit, fragments = TAMPERED[case]
     d = tmp_path / "final"
     shutil.copytree(model_dir, d)
     edit(d)
+    seal_model_dir(str(d))  # a hostile folder can carry a matching digest: each check must hold by itself
     rows = ["--split", "val"] if case == "yaml python tag" else ["--data", str(work / "train.csv")]
     r = limited_eval(str(d), tmp_path / "out", *rows)
     assert_one_line_error(r, *fragments)

@@ -376,6 +376,7 @@ def test_reexport_replaces_an_earlier_export_without_stale_files(make_run, tmp_p
     """An earlier export (its manifest says so) is replaced whole: nothing of it (another model name, its int8
     copy, a config.yaml the new run lacks, old tokenizer files) is left mixed with the new one; files the
     export never wrote stay; a failed export leaves the folder as it was."""
+    from mmbert.artifact import seal_model_dir
     from mmbert.errors import ArtifactError
     from mmbert.export.onnx import export_onnx
     from mmbert.serving import OnnxScorer
@@ -388,6 +389,7 @@ def test_reexport_replaces_an_earlier_export_without_stale_files(make_run, tmp_p
     run = tmp_path / "text_only_final"  # a run without config.yaml: the old export's must go
     shutil.copytree(make_run("text_only"), run)
     os.remove(run / "config.yaml")
+    seal_model_dir(str(run))  # saved without it (save_artifact with no config)
     report = export_onnx(str(run), str(folder), say=lambda _: None)
 
     assert sorted(os.listdir(folder)) == ["NOTES.txt", "model.onnx", "model_spec.json", "onnx_manifest.json",
@@ -408,9 +410,12 @@ def test_reexport_replaces_an_earlier_export_without_stale_files(make_run, tmp_p
 def test_python_tag_in_the_model_dirs_config_is_one_line(make_run, tmp_path):
     """Case 10 through export.py: a YAML python tag in config.yaml is never constructed (safe_load) and stops
     with one line naming the file, not a traceback from the verification-row lookup."""
+    from mmbert.artifact import seal_model_dir
+
     model = tmp_path / "model"
     shutil.copytree(make_run("tab_only"), model)
     (model / "config.yaml").write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    seal_model_dir(str(model))  # a hostile folder can carry a matching digest: safe_load itself must hold
     r = run_cli(["export.py", "--model-dir", str(model), "--output", str(tmp_path / "out")], check=False)
     assert_one_line_error(r, f"{model / 'config.yaml'} is not valid YAML")
     assert "pwned" not in r.stdout + r.stderr

@@ -4,8 +4,11 @@ The exported graph maps the collated tensors straight to the scores: class proba
 or for a regression the prediction in the target's original units (output `prediction`); its inputs and
 outputs are listed in mmbert/serving.py, which serves the export. Batch, chunk and token axes are dynamic. The folder holding the ONNX file is self-contained for serving:
 preprocessing.json, model_spec.json, tokenizer/ and onnx_manifest.json (checksums, inputs, verification, int8
-settings and drift). It holds one export: export.py writes into a new or empty folder, or replaces an earlier
-export (recognised by its manifest) whole; any other non-empty folder is refused.
+settings and drift; one digest over the graph files and everything serving reads beside them, checked by
+serving before it scores; and the digest of each model folder it was built from). Companions are copied
+without following links, and a model folder with a link out of itself is refused. It holds one export:
+export.py writes into a new or empty folder, or replaces an earlier export (recognised by its manifest)
+whole; any other non-empty folder is refused.
 """
 from __future__ import annotations
 
@@ -15,14 +18,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
-from .. import serving
+from .. import fsutil, serving
 from ..errors import ArtifactError, MMBertError
 from ..serving import INPUTS, MANIFEST, first_line, output_name, sha256
 
@@ -392,17 +394,27 @@ def _previous_export(out_dir: str) -> set[str]:
 
 def _stage_companions(model_dir: str, tokenizer, staged: str):
     """What serving needs beside the ONNX file: preprocessing, spec, the training config (data columns and
-    splits, read by evaluate.py --onnx) when the run has one, and the tokenizer."""
+    splits, read by evaluate.py --onnx) when the run has one, and the tokenizer. Copies never follow a link
+    (fsutil.copy_part; the model folder was checked to have none leading out of it)."""
     from ..artifact import PREPROCESSING, SPEC
 
     for name in (PREPROCESSING, SPEC, "config.yaml"):
-        if name != "config.yaml" or os.path.isfile(os.path.join(model_dir, name)):
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(staged, name))
+        if name != "config.yaml" or os.path.lexists(os.path.join(model_dir, name)):
+            fsutil.copy_part(model_dir, name, staged)
     if tokenizer is not None:
         if os.path.isdir(os.path.join(model_dir, "tokenizer")):
-            shutil.copytree(os.path.join(model_dir, "tokenizer"), os.path.join(staged, "tokenizer"))
+            fsutil.copy_part(model_dir, "tokenizer", staged)
         else:
             tokenizer.save_pretrained(os.path.join(staged, "tokenizer"))
+
+
+def _write_manifest(staged: str, files: dict, output: str, report: dict):
+    """onnx_manifest.json: the graph files' checksums, the export report, and one digest over every part
+    serving reads (serving.export_parts), so a graph or label map from another export is refused there."""
+    parts = serving.export_parts(staged, files)
+    with open(os.path.join(staged, MANIFEST), "w") as f:
+        json.dump({"files": files, "digest": fsutil.combine(parts), "parts": parts,
+                   "exports": {os.path.basename(output): report}}, f, indent=1)
 
 
 def _install(staged: str, out_dir: str, previous: set[str], say: Callable[[str], None]):
@@ -487,6 +499,7 @@ def ensemble_report(dirs: list[str], model) -> dict:
     members = []
     for d, spec in zip(dirs, model.member_specs):
         summary = None
+        fsutil.inside(d, os.path.join(d, "train_summary.json"))  # it goes into the manifest: never a linked file
         with contextlib.suppress(OSError, ValueError), open(os.path.join(d, "train_summary.json")) as f:
             summary = json.load(f)
         members.append({"dir": os.path.abspath(d), "fusion": spec.fusion, "train_summary": summary})
@@ -505,6 +518,7 @@ def export_onnx(model_dir, output: str, quantize: Optional[str] = None, opset: O
     verification fails."""
     import torch
 
+    from ..artifact import model_dir_digest
     from ..ensemble import open_models, resolve_model_dirs
 
     say = say or (lambda msg: print(msg, flush=True))
@@ -527,13 +541,14 @@ def export_onnx(model_dir, output: str, quantize: Optional[str] = None, opset: O
     say(f"exporting {what} (fusion {', '.join(fusions)}, inputs {', '.join(names)}); verifying on {rows_desc}")
 
     os.makedirs(out_dir, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+    staged = fsutil.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     try:
         # the whole export is built in `staged` and only moved into place once everything passed
         fp32_path = os.path.join(staged, os.path.basename(output))
         report = _export_verified(model, names, batches, fp32_path, exporter, opset, atol, debug, say)
         report.update(fusion=model.spec.fusion, task=pre.task, classes=[str(c) for c in pre.class_names],
-                      verified_on=rows_desc, torch=torch.__version__)
+                      verified_on=rows_desc, torch=torch.__version__,
+                      built_from=[{"dir": os.path.abspath(d), "digest": model_dir_digest(d)} for d in dirs])
         if md.members:
             report["ensemble"] = ensemble_report(dirs, model)
         if quantize == "int8":
@@ -544,8 +559,7 @@ def export_onnx(model_dir, output: str, quantize: Optional[str] = None, opset: O
             if f.endswith(".onnx"):
                 entry["precision"] = "int8" if f.endswith(".int8.onnx") else "fp32"
         _stage_companions(model_dir, tokenizer, staged)
-        with open(os.path.join(staged, MANIFEST), "w") as f:
-            json.dump({"files": files, "exports": {os.path.basename(output): report}}, f, indent=1)
+        _write_manifest(staged, files, output, report)
         _install(staged, out_dir, previous, say)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -557,7 +557,7 @@ class Trainer:
         elif self.env.is_main:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.best_dir, tmp)
+            shutil.copytree(self.best_dir, tmp, symlinks=True)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         if self.env.is_main:

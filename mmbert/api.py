@@ -212,7 +212,7 @@ def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
 @contextlib.contextmanager
 def _process_state_kept():
     """What a run sets up in its process for itself (train.py's process ends with it) is put back when the call
-    returns or raises: torch's thread count and deterministic-algorithms setting, its global RNG, sys.excepthook
+    returns or raises: torch's thread count, deterministic-algorithms and TF32 settings, its global RNG, sys.excepthook
     (init_process_group wraps it, one more `[rank0]:` prefix per call), the handlers, levels and propagation of
     the loggers that existed (and of mmbert's), and the environment variables (MASTER_ADDR ...)."""
     import sys
@@ -223,9 +223,11 @@ def _process_state_kept():
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
     loggers = _logging_state()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # dist.tf32 sets them
     try:
         yield
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])

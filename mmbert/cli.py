@@ -138,7 +138,7 @@ def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="PyTorch scoring: autocast dtype (auto: bf16 on CUDA, fp32 on CPU, as training)")
+                   help="PyTorch scoring: autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--no-cache", action="store_true", help="read and tokenize the rows on every rank instead of once "

@@ -157,8 +157,9 @@ def part_digest(folder: str, name: str) -> Optional[str]:
         return sha256(files[0][1])
     h = hashlib.sha256()
     for rel, path in files:
-        if os.path.islink(path):  # an inside link: what it names, not a second copy of the bytes
-            h.update(f"{rel}\0-> {os.readlink(path)}\n".encode())
+        if os.path.islink(path):  # an inside link: what it names, and the bytes there (which may lie outside this part)
+            target = sha256(path) if os.path.isfile(path) else ""
+            h.update(f"{rel}\0-> {os.readlink(path)} {target}\n".encode())
         else:
             h.update(f"{rel}\0{sha256(path)}\n".encode())
     return h.hexdigest()

@@ -89,3 +89,15 @@ def test_package_has_no_pickle_loaders_or_remote_code():
                                      r"yaml\.(unsafe_)?load\(|trust_remote_code=True", src, re.M):
                     hits.append(f"{name}: {m.group(0)}")
     assert hits == []
+
+
+def test_a_link_inside_a_part_is_hashed_with_the_bytes_it_names(tmp_path):
+    """tokenizer/vocab.txt -> ../real.txt: rewriting real.txt changes the tokenizer part's digest."""
+    from mmbert import fsutil
+
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "real.txt").write_text("a")
+    os.symlink("../real.txt", tmp_path / "tokenizer" / "vocab.txt")
+    before = fsutil.part_digest(str(tmp_path), "tokenizer")
+    (tmp_path / "real.txt").write_text("b")
+    assert fsutil.part_digest(str(tmp_path), "tokenizer") != before

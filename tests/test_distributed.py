@@ -51,7 +51,7 @@ def test_none_ddp_fsdp_agree(config, tmp_path):
         if strategy in ("fsdp", "auto"):
             assert "FSDP2: 4 units + root" in r.stdout + r.stderr  # embeddings, 2 layers, fusion+head
         if strategy == "auto":
-            assert "strategy=fsdp (auto)" in r.stdout + r.stderr
+            assert "strategy=fsdp (auto: 2 processes)" in r.stdout + r.stderr
     ref = losses(tmp_path / "none")
     assert sorted(ref) == [1, 2, 3, 4]
     ref_w = load_file(tmp_path / "none" / "final" / "model.safetensors")

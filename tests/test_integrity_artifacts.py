@@ -95,6 +95,19 @@ def test_export_records_the_model_folder_it_was_built_from(runs):
     assert OnnxScorer(str(export_a)).digest == manifest["digest"]
 
 
+def test_evaluate_onnx_with_another_model_folder_is_refused(runs, tmp_path):
+    """evaluate.py --onnx EXPORT --model-dir DIR: DIR's config picks the rows to score, so DIR must be the folder
+    the export was built from (its digest in built_from); the folder it came from is accepted."""
+    work, r = runs
+    (model_a, export_a), (model_b, _) = r["A"], r["B"]
+    common = ["evaluate.py", "--onnx", str(export_a), "--data", str(work / "data.csv"), "--no-plots",
+              "--no-progress"]
+    ok = run_cli([*common, "--model-dir", str(model_a), "--output-dir", str(tmp_path / "a")], check=False)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = run_cli([*common, "--model-dir", str(model_b), "--output-dir", str(tmp_path / "b")], check=False)
+    assert_one_line_error(bad, f"--model-dir {model_b} is not the model", "built_from")
+
+
 def test_model_folder_with_another_runs_weights_is_refused(runs, tmp_path):
     """model.safetensors of run B (same architecture: it loads) copied into run A's final/."""
     work, r = runs

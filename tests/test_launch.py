@@ -102,7 +102,7 @@ def test_accelerate_ddp_config_without_strategy_trains_one_ddp_model(cfg, tmp_pa
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
-    assert "launcher=accelerate world=2" in log and "strategy=ddp (auto)" in log, log[-4000:]
+    assert "launcher=accelerate world=2" in log and "strategy=ddp (auto: accelerate launch's config)" in log, log[-4000:]
     with open(out / "config.yaml") as f:
         assert yaml.safe_load(f)["dist"]["strategy"] == "ddp"
 

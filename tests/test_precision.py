@@ -34,9 +34,11 @@ def cfg_for(tiny_bert, no_dropout_bert, reviews, tmp_path_factory):
 
 
 def run_worker(cfg: str, out, nproc: int, **opts) -> dict:
+    """Rank 0's report; with several ranks the others' are in report["ranks"]."""
     os.makedirs(out, exist_ok=True)
     run_cli([WORKER, cfg, str(out), json.dumps({"steps": 2, **opts})], nproc=nproc, timeout=400)
-    return json.loads((out / "rank0.json").read_text())
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return {**reports[0], "ranks": reports}
 
 
 @pytest.mark.slow
@@ -60,12 +62,13 @@ def test_bf16_computes_in_bf16_with_fp32_master_weights(cfg_for, tmp_path, strat
 def test_fp16_skips_a_step_with_inf_gradients_halves_the_scale_and_resumes_it(cfg_for, tmp_path, strategy):
     r = run_worker(cfg_for(strategy, "fp16"), tmp_path, STRATEGIES[strategy], steps=6, inf_after_first_trained=True,
                    resume_from_step=6)
-    i = r["inf_step"] - 1  # the step whose loss was inf on rank 0 only (the ones before it: fp16 finding its scale)
-    assert r["changed"][i - 1:] == [True, False] + [True] * (5 - i), r  # skipped on every rank, then trains again
-    assert r["skipped"][i] == r["skipped"][i - 1] + 1 and r["skipped"][-1] == r["skipped"][i]
-    assert r["scales"][i] == r["scales"][i - 1] / 2
+    i = r["inf_step"] - 1  # the last rank's own gradients held an inf (the steps before: fp16 finding its scale)
+    for rank in r["ranks"]:  # every rank skipped that step, though only one saw the inf, then trains again
+        assert rank["changed"][i - 1:] == [True, False] + [True] * (5 - i), r
+        assert rank["skipped"][i] == rank["skipped"][i - 1] + 1 and rank["skipped"][-1] == rank["skipped"][i]
+        assert rank["scales"][i] == rank["scales"][i - 1] / 2 and rank["scales"] == r["scales"]
     assert r["param_dtypes"] == r["optimizer_state_dtypes"] == ["torch.float32"]
-    assert (r["resumed_step"], r["resumed_scale"]) == (6, r["scales"][-1])
+    assert (r["resumed_step"], r["resumed_scale"], r["resumed_skipped"]) == (6, r["scales"][-1], r["skipped"][-1])
 
 
 def test_settings_that_cannot_apply_are_refused():

@@ -126,6 +126,19 @@ def test_checkpoint_marked_complete_without_its_shard_is_refused(cfg, tmp_path):
                           "step_4")
 
 
+@pytest.mark.slow
+def test_checkpoint_damaged_at_the_same_size_is_refused(cfg, tmp_path):
+    """Bytes of a weight shard overwritten in place: the size check passes, the digest recorded at save does not."""
+    out = tmp_path / "run"
+    train(cfg, out, "--max-steps", "4")
+    shard = out / "checkpoints" / "step_4" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 64])
+    shard.write_bytes(bytes(raw))
+    r = train(cfg, out, "--max-steps", "6", "--resume", "auto", check=False)
+    assert_one_line_error(r, f"checkpoint {out / 'checkpoints' / 'step_4'}: __0_0.distcp differ from what was saved")
+
+
 # ----------------------------------------------------------------------------- resume with a changed config
 
 @pytest.mark.slow

@@ -74,6 +74,13 @@ def test_finetune_writes_artifact_and_eval_records(finetuned):
         resolved = yaml.safe_load(f)
     assert resolved["train"]["epochs"] == 3 and resolved["model"]["fusion"] == "cross_attn"
     assert resolved["dist"]["strategy"] == "none"
+    from mmbert.config import config_from_dict
+    from mmbert.distributed.parallel import resolve_plan
+
+    again = config_from_dict(resolved)  # the resolved config is a config, and resolves to the same plan
+    assert again.to_dict() == resolved
+    plan = resolve_plan(again.dist, torch.device("cpu"), 1).as_config()
+    assert plan == {k: resolved["dist"][k] for k in plan}
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 from mmbert.artifact import build_model
-from mmbert.distributed.parallel import ParallelPlan, parallelize, plan_units, units_by_size
+from mmbert.distributed.env import DistEnv
+from mmbert.distributed.parallel import ParallelPlan, encoder_units, parallelize, plan_units, units_by_size
 from mmbert.errors import ConfigError
 from mmbert.models.classifier import ModelSpec
 
@@ -49,8 +50,6 @@ def test_none_policy_keeps_fusion_and_head_together(model):
 def test_apply_fsdp_creates_units(model, monkeypatch):
     from torch.distributed.fsdp import FSDPModule
 
-    from mmbert.distributed.env import DistEnv
-
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "none")
@@ -66,3 +65,14 @@ def test_apply_fsdp_creates_units(model, monkeypatch):
         assert all(p.grad is not None for p in wrapped.parameters() if p.requires_grad)
     finally:
         dist.destroy_process_group()
+
+
+def test_checkpointing_and_compile_take_the_outermost_encoder_units_or_refuse(model):
+    layers = ["text_encoder.encoder.encoder.layer.0", "text_encoder.encoder.encoder.layer.1"]
+    plan = ParallelPlan("none", "class", ["BertLayer"], 0, "full", "fp32", True, False)
+    assert encoder_units(model, plan) == layers
+    plan.wrap_policy, plan.min_params = "class+size", 4_000  # size units inside the layers too: only the layers
+    assert encoder_units(model, plan) == layers
+    plan.wrap_policy = "none"
+    with pytest.raises(ConfigError, match="'dist.activation_checkpointing': the model has no encoder layer"):
+        parallelize(model, plan, DistEnv(0, 1, 0, 1, torch.device("cpu"), "none"))

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .. import fsutil
 from ..errors import ArtifactError, MMBertError
 from .parallel import all_reduce_max
 
@@ -84,6 +85,25 @@ def missing_shards(path: str) -> list[str]:
                   if not os.path.isfile(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) < size)
 
 
+def shard_digests(path: str) -> dict[str, str]:
+    """sha256 of every file a checkpoint's weights, optimizer state and RNG live in (recorded in train_state.json
+    at save, checked before a resume loads them: same-size damage is caught, not trained on)."""
+    files = [f for f in os.listdir(path) if f == ".metadata" or f.endswith(".distcp")]
+    files += [os.path.join("rng", f) for f in os.listdir(os.path.join(path, "rng"))]
+    return {f: fsutil.sha256(os.path.join(path, f)) for f in sorted(files)}
+
+
+def damaged_shards(path: str, recorded: Optional[dict]) -> list[str]:
+    """Collective: the shard files whose bytes differ from the digests recorded at save, as rank 0 found them
+    (every rank gets rank 0's answer, so all stop or all load). Checkpoints from before digests: none."""
+    found = [None]
+    if dist.get_rank() == 0 and recorded:
+        now = shard_digests(path)
+        found = [[f for f, digest in recorded.items() if now.get(f) != digest]]
+    dist.broadcast_object_list(found, src=0)
+    return found[0] or []
+
+
 def _is_disk_full(e: BaseException) -> bool:
     text = str(e)
     return (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
@@ -117,7 +137,7 @@ def _finish_on_rank0(root: str, tmp: str, final: str, step: int, train_state: di
     for name, src in with_dirs.items():  # e.g. best/: restored with the checkpoint, so resume never mixes runs
         if os.path.isdir(src):
             _link_tree(src, os.path.join(tmp, name))
-    state = dict(train_state, world_size=dist.get_world_size())
+    state = dict(train_state, world_size=dist.get_world_size(), shards=shard_digests(tmp))
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
         json.dump(state, f, indent=1, default=float)
     with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -149,7 +169,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, train_state: dict, k
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, os.path.join(tmp, "rng", f"rank_{rank}.safetensors"))
+        rng_file = os.path.join(tmp, "rng", f"rank_{rank}.safetensors")
+        save_file(rng, rng_file)
+        fsutil.follow_umask(rng_file)  # safetensors writes 0600
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         err = e
     _agree_or_raise(err, root, tmp, step)
@@ -185,6 +207,11 @@ def load_checkpoint(path: str, model, optimizer, rank: int) -> dict:
     if lost:
         raise ArtifactError(f"checkpoint {path} is marked {COMPLETE} but lacks {', '.join(lost[:3])} (written by two "
                             f"runs at once?); delete {path} to resume from the checkpoint before it")
+    damaged = damaged_shards(path, train_state.get("shards"))
+    if damaged:
+        raise ArtifactError(f"checkpoint {path}: {', '.join(damaged[:3])} differ from what was saved (their sha256 "
+                            f"in train_state.json): the checkpoint is damaged; delete {path} to resume from the "
+                            f"checkpoint before it")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
@@ -229,4 +256,5 @@ def consolidate(checkpoint_dir: str, out_file: str) -> int:
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         dcp.load(state, storage_reader=reader, no_dist=True)
     save_file({k[len("model."):]: v.contiguous() for k, v in state.items()}, out_file)
+    fsutil.follow_umask(out_file)
     return len(state)

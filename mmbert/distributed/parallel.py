@@ -42,6 +42,18 @@ class ParallelPlan:
     compile: bool = False  # torch.compile of every wrap unit of the encoder (train.compile)
     tf32: bool = True  # fp32 matmuls on CUDA in TF32
 
+    def as_config(self) -> dict:
+        """The dist.* keys that reproduce this plan (those the strategy uses; the rest stay unset)."""
+        fsdp = self.strategy == "fsdp"
+        units = fsdp or self.activation_checkpointing or self.compile
+        keys = {"strategy": self.strategy, "mixed_precision": self.mixed_precision, "tf32": self.tf32,
+                "activation_checkpointing": self.activation_checkpointing}
+        if units:
+            keys.update(wrap_policy=self.wrap_policy, wrap_classes=self.wrap_classes, min_params=self.min_params)
+        if fsdp:
+            keys.update(sharding=self.sharding, cpu_offload=self.cpu_offload, collectives=self.collectives)
+        return keys
+
     def describe(self) -> str:
         """What every rank runs, for the start-up line."""
         return (f"strategy={self.strategy} precision={self.mixed_precision} activation_checkpointing="
@@ -55,6 +67,16 @@ class ParallelPlan:
 def _env_bool(name: str) -> Optional[bool]:
     v = os.environ.get(name)
     return None if v is None else v.strip().lower() in ("1", "true", "yes")
+
+
+def auto_reason(world_size: int) -> str:
+    """Why dist.strategy auto chose what it did, for the start-up line (an exported ACCELERATE_* variable outside
+    `accelerate launch` shows here)."""
+    if world_size == 1:
+        return "one process"
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or _env_bool("ACCELERATE_USE_FSDP"):
+        return "accelerate launch's config"
+    return f"{world_size} processes"
 
 
 def resolve_strategy(requested: Optional[str], world_size: int) -> str:
@@ -269,10 +291,12 @@ def _keep_layernorms_fp32(model: nn.Module, common: dict):
 
 
 def encoder_units(model: nn.Module, plan: ParallelPlan) -> list[str]:
-    """The wrap units that hold encoder computation (layers: not the embeddings, not the fusion head): what
-    activation checkpointing recomputes and train.compile compiles, on every strategy."""
-    units = plan_units(model, plan.wrap_policy, plan.wrap_classes, plan.min_params)
-    return [n for n in units if n != "fusion_head" and "Embedding" not in type(model.get_submodule(n)).__name__]
+    """The outermost wrap units that hold encoder computation (layers: not the embeddings, not the fusion
+    head): what activation checkpointing recomputes and train.compile compiles, on every strategy. A unit
+    inside another (the size policy nests them) would be recomputed or compiled twice."""
+    units = [n for n in plan_units(model, plan.wrap_policy, plan.wrap_classes, plan.min_params)
+             if n.startswith("text_encoder.") and "Embedding" not in type(model.get_submodule(n)).__name__]
+    return [n for n in units if not any(n.startswith(other + ".") for other in units)]
 
 
 def checkpoint_and_compile(model: nn.Module, plan: ParallelPlan):
@@ -282,7 +306,13 @@ def checkpoint_and_compile(model: nn.Module, plan: ParallelPlan):
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for name in encoder_units(model, plan):
+    units = encoder_units(model, plan)
+    if not units:
+        key = "dist.activation_checkpointing" if plan.activation_checkpointing else "train.compile"
+        raise ConfigError(f"config key '{key}': the model has no encoder layer to apply it to (dist.wrap_policy "
+                          f"'{plan.wrap_policy}', model.fusion tab_only or dist.wrap_classes picking none); "
+                          f"turn it off or choose the units with dist.wrap_policy / dist.wrap_classes")
+    for name in units:
         unit = model.get_submodule(name)
         if plan.compile:
             unit.compile(dynamic=True)  # in place: parameter names (checkpoints, model files) are unchanged

@@ -5,8 +5,8 @@ explicit. Master weights and optimizer state are always fp32:
 - `none` / `ddp` compute forward and loss under `torch.autocast` (the parameters stay fp32);
 - `fsdp` casts its all-gathered parameters through FSDP2's MixedPrecisionPolicy and reduces in fp32, so no
   autocast is applied on top.
-fp16 scales the loss (a gradient scaler on every strategy, the sharded one under FSDP, which agrees on an
-inf/nan across ranks): a step with inf/nan gradients is skipped and the scale halved. fp32 on CUDA uses TF32
+fp16 scales the loss (a gradient scaler on every strategy; on several ranks the sharded one, which agrees on
+an inf/nan across ranks): a step with inf/nan gradients is skipped and the scale halved. fp32 on CUDA uses TF32
 matmuls unless `dist.tf32: false`.
 """
 from __future__ import annotations
@@ -54,9 +54,11 @@ class LossScaler:
 
     def __init__(self, precision: str, strategy: str, device: torch.device):
         self.enabled = precision == "fp16"
-        self.sharded = self.enabled and strategy == "fsdp"
+        # several ranks: the scaler that all-reduces its inf/nan flag, so every rank skips or steps alike (an FSDP
+        # rank sees only its shard of the gradients)
+        self.across_ranks = self.enabled and strategy != "none"
         self.scaler = None
-        if self.sharded:
+        if self.across_ranks:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.scaler = ShardedGradScaler(device.type)
@@ -79,7 +81,7 @@ class LossScaler:
             optimizer.step()
             return True
         before = self.scaler.get_scale()
-        if self.sharded:
+        if self.across_ranks:
             # the scaler's fused-optimizer path wants a 0-d found-inf flag, which the sharded scaler's (1-element,
             # all-reduced over ranks) is not: the plain path skips the step on the host when any rank found inf
             optimizer._step_supports_amp_scaling = False

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from .. import fsutil
 from ..data.dataset import TableDataset
 from ..data.tokenize import pad_id
 from ..distributed.env import DistEnv, cleanup, init_distributed
@@ -40,7 +41,7 @@ from ..ensemble import open_models
 from ..errors import ArtifactError, ConfigError, MMBertError
 from ..metrics import per_class_report, summary_table, task_metrics
 from ..scoring import Scorer, predict, torch_scorer
-from ..serving import OnnxScorer
+from ..serving import MANIFEST, OnnxScorer
 from ..task import REGRESSION
 from .plots import ALL as PLOT_FILES
 from .importance import FILES as IMPORTANCE_FILES
@@ -78,7 +79,23 @@ def load_onnx_scorer(args: argparse.Namespace, env: DistEnv):
     import torch
 
     s = OnnxScorer(args.onnx, threads=torch.get_num_threads())
+    if os.path.realpath(args.model_dir) != os.path.realpath(s.folder):
+        check_exported_from(s, args.model_dir)
     return s.scores, s.preprocessor, s.tokenizer
+
+
+def check_exported_from(s: OnnxScorer, model_dir: str):
+    """--onnx with another --model-dir: that folder's config chooses the rows (split, indices, data path), so it
+    must be the model the graph was exported from (the manifest's built_from digests)."""
+    from ..artifact import model_dir_digest
+
+    built = [b["digest"] for e in s.manifest.get("exports", {}).values() for b in e.get("built_from", [])]
+    if not built:
+        fsutil.warn_unverified(s.folder, f"records no model folder it was exported from, so --model-dir {model_dir}")
+    elif model_dir_digest(model_dir) not in built:
+        raise ArtifactError(f"--model-dir {model_dir} is not the model {s.path} was exported from (its digest is not "
+                            f"in {MANIFEST}'s built_from): its config would choose the rows to score; give the model "
+                            f"folder it was exported from, or leave --model-dir out")
 
 
 def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:

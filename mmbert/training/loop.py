@@ -28,7 +28,7 @@ from ..distributed import checkpoint as ckpt
 from ..distributed.env import DistEnv, cleanup, init_distributed
 from ..distributed.precision import LossScaler, autocast
 from ..distributed.parallel import (
-    all_reduce_max_flag,
+    auto_reason,
     clip_grad_norm,
     grad_sync,
     parallelize,
@@ -51,7 +51,7 @@ MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_check
 # ----------------------------------------------------------------------------- preemption
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; ranks agree on it (all-reduce MAX) at each step boundary."""
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it (all-reduce MAX) one step boundary later."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -59,15 +59,31 @@ class Preemption:
         self.requested = False
         self.signal_name = None
         self.previous = {}
+        self.exchange = None  # the flag all-reduce started at the last step boundary, and its tensor
 
     def __enter__(self) -> "Preemption":
         self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         # the caller's handlers back: after mmbert.train() in a notebook or service, SIGTERM ends it again
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self.exchange is not None and exc_type is None:
+            self.exchange[0].wait()  # every rank started it: finish it before the group is used otherwise
+
+    def agreed(self) -> bool:
+        """Collective, at every step boundary on every rank: whether any rank had been signalled by the previous
+        boundary. The flags travel asynchronously (a CPU tensor over gloo): the exchange started at step k is
+        waited for at step k+1, so no rank waits on the slowest each step, and every rank acts at one step."""
+        previous = self.exchange
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        self.exchange = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        if previous is None:
+            return False
+        work, seen = previous
+        work.wait()
+        return bool(seen.item() > 0)
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -340,14 +356,16 @@ class Trainer:
             return
         env, plan = self.env, self.plan
         resolved = self.cfg.to_dict()
-        resolved["dist"].update(plan.__dict__)
+        resolved["dist"].update(plan.as_config())  # what auto resolved to: the file trains the same run again
         resolved["model"]["fusion"] = self.spec.fusion
         with open(os.path.join(self.out, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
         self.mlog.log_config(resolved)
         self.pre.save(os.path.join(self.out, PREPROCESSING))
-        runs = plan.describe().replace(f"strategy={plan.strategy}", f"strategy={plan.strategy} (auto)", 1) \
-            if self.cfg.dist.strategy in (None, "auto") else plan.describe()
+        runs = plan.describe()
+        if self.cfg.dist.strategy in (None, "auto"):
+            chosen = f"strategy={plan.strategy} (auto: {auto_reason(env.world_size)})"
+            runs = runs.replace(f"strategy={plan.strategy}", chosen, 1)
         log.info("launcher=%s world=%d device=%s %s threads=%d | %d params | train %d rows, val %d rows | "
                  "%d steps/epoch of %d samples, %d steps total", env.launcher, env.world_size, env.device,
                  runs, torch.get_num_threads(), self.n_params, self.n,
@@ -533,8 +551,7 @@ class Trainer:
             if self.val_ds is not None and ((tc.eval_every and state.step % tc.eval_every == 0)
                                             or (state.position + self.G > self.n and tc.eval_each_epoch) or last):
                 self.evaluate()
-            # a host sync (on CUDA: the device drains) only on log steps, where every rank checks alike
-            if log_step and all_reduce_max_flag(preempt.requested, self.env.device):
+            if preempt.agreed():
                 self.save()
                 if self.env.is_main:
                     requeue_under_slurm()

@@ -1,8 +1,8 @@
 """One Trainer in this process (plain python: world 1; under torchrun: every rank), a few real train steps,
 and what the precision policy did, written to OUT/rank{R}.json. Used by tests/test_precision.py.
 
-argv: config.yaml, out dir, JSON options {"steps", "inf_after_first_trained" (rank 0's loss is inf on the step
-after the first one that changed the weights),
+argv: config.yaml, out dir, JSON options {"steps", "inf_after_first_trained" (the last rank writes an inf into
+its own gradients on the step after the first one that changed the weights),
 "resume_from_step" (save at that step, build a second Trainer that resumes and report its scaler)}."""
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ class SavedBytes:
         return x
 
 
+def poisoned(t: Trainer, unscale):
+    """unscale_ after an inf is written into this rank's own (local) gradient: after DDP's all-reduce and FSDP's
+    reduce-scatter, so only this rank can see it."""
+    def run(optimizer):
+        grad = next(p.grad for p in t.params if p.grad is not None)
+        local(grad).view(-1)[0] = float("inf")
+        unscale(optimizer)
+    return run
+
+
 def main():
     cfg_path, out, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cfg = load_config(cfg_path, [("train.output_dir", out + "/run")])
@@ -60,14 +70,14 @@ def main():
     seen: list[str] = []
     # the dtype the encoder's matmul computed in (autocast casts inside the op: its output shows it)
     first_encoder_linear(t.model).register_forward_hook(lambda m, args, out: seen.append(str(out.dtype)))
-    real_loss = t.loss
+    real_unscale = t.scaler.unscale_
     saved = SavedBytes()
     report: dict = {"losses": [], "scales": [], "skipped": [], "changed": []}
     for step in range(1, opts["steps"] + 1):
         if opts.get("inf_after_first_trained") and "inf_step" not in report and any(report["changed"]):
             report["inf_step"] = step  # fp16's first steps may overflow on their own while the scale settles
-        inject = step == report.get("inf_step") and env.rank == 0
-        t.loss = (lambda o, y: real_loss(o, y) * float("inf")) if inject else real_loss
+        inject = step == report.get("inf_step") and env.rank == env.world_size - 1
+        t.scaler.unscale_ = poisoned(t, real_unscale) if inject else real_unscale
         before = [local(p).detach().clone() for p in t.params]
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             st = t.train_step()
@@ -90,6 +100,7 @@ def main():
         t.mlog.close()
         resumed = build(load_config(cfg_path, [("train.output_dir", out + "/run"), ("train.resume", "auto")]), env)
         report["resumed_step"], report["resumed_scale"] = resumed.state.step, resumed.scaler.value
+        report["resumed_skipped"] = resumed.state.skipped_steps
     with open(f"{out}/rank{env.rank}.json", "w") as f:
         json.dump(report, f)
     cleanup()

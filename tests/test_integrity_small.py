@@ -213,7 +213,11 @@ try:
     mmbert.train(cfg, output_dir=os.path.join(out, "bad"), max_steps=1, overrides={"data.numeric_columns": ["Nope"]})
 except mmbert.errors.DataError:
     after.append(state())
-print("STATE " + json.dumps({"before": before, "after": after}))
+import torch.distributed as dist
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's own group
+mmbert.train(cfg, output_dir=os.path.join(out, "own"), max_steps=1)
+kept = dist.is_initialized()
+print("STATE " + json.dumps({"before": before, "after": after, "own_group_kept": kept}))
 """
 
 
@@ -222,6 +226,7 @@ def test_api_train_leaves_the_process_as_it_found_it(train_cfg, tmp_path):
     r = run_cli(["-c", API_SCRIPT, train_cfg, str(tmp_path)], env={"OMP_NUM_THREADS": "1"})
     got = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("STATE "))[6:])
     assert len(got["after"]) == 3  # two runs and a failed one
+    assert got["own_group_kept"]  # a process group the caller made is used and left to the caller
     for after in got["after"]:
         for key in ("threads", "hook", "loggers", "rng", "env"):
             assert after[key] == got["before"][key], (key, after[key], got["before"][key])

@@ -24,6 +24,7 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     launcher: str
+    owns_group: bool = True  # init_distributed created the process group (cleanup destroys only such a group)
 
     @property
     def is_main(self) -> bool:
@@ -105,9 +106,10 @@ def init_distributed(timeout_s: int = 600, num_threads: int | None = None) -> Di
         device = torch.device("cpu")
         backend = "gloo"
         set_threads(local_world, num_threads)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller's own group (mmbert.train in their job) is used, and left to them
+    if owns:
         init_group(backend, rank, world, launcher, timedelta(seconds=timeout_s), device)
-    return DistEnv(rank, world, local_rank, local_world, device, launcher)
+    return DistEnv(rank, world, local_rank, local_world, device, launcher, owns)
 
 
 def init_group(backend: str, rank: int, world: int, launcher: str, timeout: timedelta, device: torch.device):
@@ -130,8 +132,9 @@ def init_group(backend: str, rank: int, world: int, launcher: str, timeout: time
                           f"job; set MASTER_PORT to a free port (torchrun --master_port, or --standalone)") from None
 
 
-def cleanup():
-    if dist.is_initialized():
+def cleanup(env: "DistEnv | None" = None):
+    """Destroy the process group, unless it was the caller's before init_distributed."""
+    if dist.is_initialized() and (env is None or env.owns_group):
         try:
             dist.destroy_process_group()
         except Exception:  # shutting down after an error: nothing useful to add

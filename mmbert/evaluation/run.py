@@ -229,7 +229,7 @@ def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = N
             dist.barrier()
         return result
     finally:
-        cleanup()
+        cleanup(env)
 
 
 def model_dirs(args: argparse.Namespace) -> list[str]:

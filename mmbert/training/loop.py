@@ -228,7 +228,7 @@ def train(cfg: Config) -> Optional[str]:
             return train_members(cfg, env)
         return train_in(cfg, env)
     finally:
-        cleanup()
+        cleanup(env)
 
 
 def train_in(cfg: Config, env: DistEnv) -> Optional[str]:

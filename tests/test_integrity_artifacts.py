@@ -243,12 +243,13 @@ def _modes(folder) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_written_files_follow_the_umask(runs, name):
-    """model.safetensors was written 0600 (safetensors' private temp file): every file of final/, best/
-    and the export now has the mode a plain open()/mkdir() gives under the run's umask (022 and 002)."""
+    """model.safetensors was written 0600 (safetensors' private temp file): every file of final/, best/, the
+    checkpoints (their RNG files too) and the export now has the mode a plain open()/mkdir() gives under the run's
+    umask (022 and 002)."""
     _, r = runs
     model, export = r[name]
     mask = UMASKS[name]
-    for folder in (model, model.parent / "best", export):
+    for folder in (model, model.parent / "best", export, model.parent / "checkpoints"):
         if not folder.is_dir():
             continue
         modes = _modes(folder)

@@ -70,6 +70,13 @@ def read_json_object(path: str, missing: str) -> dict:
     return raw
 
 
+def say_line(line: str):
+    """One line on stderr in one write: the ranks of a job share the stream, and print()'s separate newline
+    would let another rank's line land in the middle (two errors glued on one line of a SLURM .out file)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_main(main):
     """Wrap an entry point: MMBertError -> one line on stderr, exit 2; --debug shows tracebacks."""
 
@@ -82,7 +89,7 @@ def run_main(main):
         def stop(message: str):
             if debug:
                 traceback.print_exc()
-            print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+            say_line(f"{prefix}error: {message}")
             sys.exit(2)
 
         try:
@@ -94,7 +101,7 @@ def run_main(main):
                 raise
             stop(f"no space left on device writing {e.filename or 'a file'}")
         except KeyboardInterrupt:
-            print(f"{prefix}interrupted", file=sys.stderr, flush=True)
+            say_line(f"{prefix}interrupted")
             sys.exit(130)
 
     return wrapper

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .. import fsutil
 from ..errors import ArtifactError, MMBertError
+from .gather import on_rank0
 from .parallel import all_reduce_max
 
 log = logging.getLogger("mmbert")
@@ -96,12 +97,10 @@ def shard_digests(path: str) -> dict[str, str]:
 def damaged_shards(path: str, recorded: Optional[dict]) -> list[str]:
     """Collective: the shard files whose bytes differ from the digests recorded at save, as rank 0 found them
     (every rank gets rank 0's answer, so all stop or all load). Checkpoints from before digests: none."""
-    found = [None]
-    if dist.get_rank() == 0 and recorded:
-        now = shard_digests(path)
-        found = [[f for f, digest in recorded.items() if now.get(f) != digest]]
-    dist.broadcast_object_list(found, src=0)
-    return found[0] or []
+    def on_rank0_now() -> list[str]:
+        now = shard_digests(path) if recorded else {}
+        return [f for f, digest in (recorded or {}).items() if now.get(f) != digest]
+    return on_rank0(on_rank0_now)
 
 
 def _is_disk_full(e: BaseException) -> bool:

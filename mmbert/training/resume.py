@@ -22,10 +22,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.distributed as dist
-
 from ..config import DATA_CACHE_KEYS, flatten
-from ..errors import ConfigError, DataError, MMBertError
+from ..distributed.gather import on_rank0
+from ..errors import ConfigError, DataError
 
 log = logging.getLogger("mmbert")
 
@@ -106,7 +105,7 @@ def resumed_run_data(cfg, env, checkpoint: Optional[str]):
     decision on changed data files."""
     from ..assembly import build_run_data
 
-    saved_pre, changed, digests = _on_every_rank(lambda: _data_decision(cfg, checkpoint))
+    saved_pre, changed, digests = on_rank0(lambda: _data_decision(cfg, checkpoint))
     fitted = _preprocessor(saved_pre, checkpoint) if saved_pre is not None else None
     data = build_run_data(cfg, env=env, fitted=fitted if changed else None)
     if fitted is not None and _as_json(data.pre.to_dict()) != _as_json(saved_pre):
@@ -144,26 +143,6 @@ def _data_decision(cfg, checkpoint: Optional[str]) -> tuple[Optional[dict], list
                     "preprocessing (unseen categories as unknown, the run's scalers), as accepted", changed[0],
                     checkpoint)
     return saved["preprocessing"], changed, digests
-
-
-def _on_every_rank(fn):
-    """fn() on rank 0; its result on every rank, or its error (the others raise it as one line)."""
-    result, error, failure = None, None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as e:  # any failure must reach the waiting ranks, which would otherwise hang
-            failure = e
-            error = (type(e), str(e)) if isinstance(e, MMBertError) else (DataError, f"rank 0 failed: {e!r}")
-    if dist.get_world_size() > 1:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise error[0](error[1])
-    return result
 
 
 def _preprocessor(raw: dict, checkpoint: str):

@@ -77,10 +77,10 @@ class ModelConfig:
     dropout: float = 0.1
     # The encoder's attention-probability dropout; null keeps the pretrained config's (0.1 for MiniLM).
     # With 0, PyTorch's SDPA runs its fused (flash) kernel when training on CPU; with > 0 it falls back to
-    # the unfused math kernel (~13% slower steps at 128 tokens; README "Performance").
+    # the unfused math kernel (~13% slower steps at 128 tokens; docs/PERFORMANCE.md).
     attention_dropout: Optional[float] = None
     # Keep the encoder's input word embeddings (half of all-MiniLM-L6-v2's 22.7M parameters) fixed: no
-    # gradient, all-reduce or AdamW update for them (+9% samples/s on 2 DDP CPU ranks; README "Performance").
+    # gradient, all-reduce or AdamW update for them (+9% samples/s on 2 DDP CPU ranks; docs/PERFORMANCE.md).
     freeze_word_embeddings: bool = False
     cat_embedding_dim: int = 16
     trust_remote_code: bool = False

@@ -2,7 +2,7 @@
 
 Why: gloo's own `all_gather_into_tensor` and `reduce_scatter_tensor` are much slower than its all-reduce
 for the same bytes (benchmarks/profile_dist.py --collectives measures all of them on the machine at hand;
-the README has the figures), and FSDP pays one all-gather per unit in forward (and again in backward when it
+docs/PERFORMANCE.md has the figures), and FSDP pays one all-gather per unit in forward (and again in backward when it
 reshards) plus one reduce-scatter per unit in backward, on the training thread, because a CPU has no
 streams for them to overlap on. Here every rank sends each peer exactly the bytes that peer needs
 (its own shard for an all-gather, the peer's chunk of the gradient for a reduce-scatter) in one batch of

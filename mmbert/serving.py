@@ -8,11 +8,14 @@ serving reads (EXPORT_PARTS: the label map, preprocessing, tokenizer, spec, conf
 part before it scores, so a graph copied in from another export (or an edited label map) is refused naming
 the part. The graph maps collated tensors to scores, named by the model's task:
 
-    input_ids       int64   batch x chunks x tokens     (absent for tab_only)
-    attention_mask  int64   batch x chunks x tokens     (absent for tab_only)
-    numeric         float32 batch x N                   (absent without numeric columns or for text_only)
+    input_ids       int64   batch x chunks x tokens     (absent when the fusion reads no text, e.g. tab_only)
+    attention_mask  int64   batch x chunks x tokens     (idem)
+    numeric         float32 batch x N                   (absent without numeric columns or when the fusion
+                                                        reads no tabular columns, e.g. text_only)
     missing         float32 batch x N                   (idem; 1.0 where the value was missing)
     categorical     int64   batch x K                   (absent without categorical columns or for text_only)
+
+(which inputs a fusion reads: models/registry.py, FusionSpec.input_names)
     -> probabilities float32 batch x num_classes       (classification: softmax included)
     -> prediction    float32 batch x 1                 (regression: in the target's original units, the
                                                         train standardisation undone in the graph)
@@ -30,8 +33,9 @@ import numpy as np
 from . import fsutil
 from .errors import ArtifactError, read_json_object
 from .fsutil import sha256
+from .models.registry import CATEGORICAL_INPUTS, NUMERIC_INPUTS, TEXT_INPUTS
 
-INPUTS = ("input_ids", "attention_mask", "numeric", "missing", "categorical")
+INPUTS = (*TEXT_INPUTS, *NUMERIC_INPUTS, *CATEGORICAL_INPUTS)  # every graph input, in the graph's order
 OUTPUT = "probabilities"
 REGRESSION_OUTPUT = "prediction"
 OUTPUTS = (OUTPUT, REGRESSION_OUTPUT)

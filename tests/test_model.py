@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbert.config import FUSIONS, DataConfig
+from mmbert.config import DataConfig
 from mmbert.data.dataset import collate
 from mmbert.data.pipeline import build_dataset
 from mmbert.data.preprocess import Preprocessor
@@ -21,6 +21,7 @@ from mmbert.models.classifier import (
     probabilities,
 )
 from mmbert.models.fusion import CrossAttnFusion
+from mmbert.models.registry import fusion_names
 from mmbert.models.text_encoder import TextEncoder
 
 NUM = ["Rating", "Age", "Positive Feedback Count"]
@@ -172,7 +173,7 @@ def _spec(fusion, k, num_numeric=3, cardinalities=(3, 6, 20), hidden=24):
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", fusion_names())
 def test_every_fusion_output_shape_and_inputs_used(tiny_bert, data, fusion, k):
     pre, batch = data
     spec = _spec(fusion, k, cardinalities=[len(pre.vocabularies[c]) for c in CAT])

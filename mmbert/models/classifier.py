@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..task import CLASSIFICATION, REGRESSION
 from .fusion import build_fusion
+from .registry import fusion_spec
 from .tabular import TabAE, TabTokens
 
 log = logging.getLogger("mmbert")
@@ -56,19 +57,20 @@ class MultimodalClassifier(nn.Module):
         from .text_encoder import TextEncoder
 
         self.spec = spec
-        f = spec.fusion
+        fs = fusion_spec(spec.fusion)
         has_tab = spec.num_numeric > 0 or len(spec.cardinalities) > 0
-        if f != "text_only" and f != "cross_attn_tokens" and f != "tab_only" and not has_tab:
-            raise ValueError("fusion needs tabular columns")
+        if fs.needs_tabular and not has_tab:
+            raise ValueError(f"fusion '{spec.fusion}' needs tabular columns")
         self.text_encoder = None
-        if f != "tab_only":
-            keep_pooler = spec.pooling == "pooler" and f != "cross_attn_tokens"
+        if fs.text:
+            keep_pooler = spec.pooling == "pooler" and not fs.tab_tokens
             self.text_encoder = TextEncoder(encoder, spec.pooling, spec.hidden_dim, keep_pooler)
         self.tab_encoder = TabAE(spec.num_numeric, spec.cardinalities, spec.cat_embedding_dim, spec.hidden_dim) \
-            if has_tab and f not in ("text_only", "cross_attn_tokens") else None
+            if has_tab and fs.tabular and not fs.tab_tokens else None
         self.tab_tokens = TabTokens(spec.num_numeric, spec.cardinalities, spec.hidden_dim) \
-            if f == "cross_attn_tokens" else None
-        self.fusion_head = FusionHead(build_fusion(f, spec.hidden_dim, spec.num_heads, spec.num_classes, spec.dropout))
+            if fs.tabular and fs.tab_tokens else None
+        self.fusion_head = FusionHead(build_fusion(spec.fusion, spec.hidden_dim, spec.num_heads, spec.num_classes,
+                                                   spec.dropout))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, numeric: Optional[torch.Tensor] = None,
                 missing: Optional[torch.Tensor] = None, categorical: Optional[torch.Tensor] = None,
@@ -125,7 +127,7 @@ def scores(outputs: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 def effective_fusion(requested: str, has_tab: bool) -> str:
     """With no tabular columns the model is a text classifier, whatever fusion was asked for."""
-    if not has_tab and requested != "text_only":
+    if not has_tab and fusion_spec(requested).tabular:
         log.warning("no tabular columns configured: fusion '%s' falls back to 'text_only'", requested)
         return "text_only"
     return requested

@@ -80,7 +80,7 @@ class GatedFusion(nn.Module):
 
 
 class SingleFusion(nn.Module):
-    """text_only / tab_only baselines: the head on one modality."""
+    """text_only / tab_only baselines: the head on one side (`use`: "text" or "tabular")."""
 
     def __init__(self, hidden_dim, num_heads, num_classes, dropout, use: str = "text"):
         super().__init__()
@@ -92,14 +92,7 @@ class SingleFusion(nn.Module):
 
 
 def build_fusion(name: str, hidden_dim: int, num_heads: int, num_classes: int, dropout: float) -> nn.Module:
-    if name == "cross_attn":
-        return CrossAttnFusion(hidden_dim, num_heads, num_classes, dropout)
-    if name == "cross_attn_tokens":
-        return TokenCrossAttnFusion(hidden_dim, num_heads, num_classes, dropout)
-    if name == "concat":
-        return ConcatFusion(hidden_dim, num_heads, num_classes, dropout)
-    if name == "gated":
-        return GatedFusion(hidden_dim, num_heads, num_classes, dropout)
-    if name in ("text_only", "tab_only"):
-        return SingleFusion(hidden_dim, num_heads, num_classes, dropout, use=name.split("_")[0])
-    raise ValueError(name)
+    """The fusion block and head registered under `name` (models/registry.py)."""
+    from .registry import fusion_spec
+
+    return fusion_spec(name).build(hidden_dim, num_heads, num_classes, dropout)

@@ -101,7 +101,7 @@ def score_run(model_dir: str, out: str, nproc: int, plots: bool = False) -> dict
         if len(classes) != 2:
             raise SystemExit(f"{model_dir}: quality.py reports binary metrics; the model has classes {classes}")
         df = pd.read_csv(os.path.join(d, "predictions.tsv"), sep="\t", dtype={"label": str})
-        probs[split] = ((df["label"] == str(classes[1])).to_numpy().astype(int), df["prob"].to_numpy())
+        probs[split] = ((df["label"] == str(classes[1])).to_numpy().astype(int), df[f"prob_{classes[1]}"].to_numpy())
     return test_metrics(*probs["val"], *probs["test"])
 
 
@@ -130,7 +130,7 @@ def score_ensemble(folder: str, nproc: int) -> list[dict]:
 
 def train_run(out: str, config: str, sets: list[str], nproc: int, extra: list[str]) -> float:
     args = ["--config", config, "--output-dir", out, "--overwrite", *extra]
-    for kv in ["train.progress_bar=false", *sets]:
+    for kv in ["train.progress=false", *sets]:
         args += ["--set", kv]
     cmd = common.script_cmd(nproc, "train.py", args)
     t0 = time.time()
@@ -317,10 +317,7 @@ def main():
     rows += PUBLISHED
     print()
     print_table(rows)
-    out = a.out or os.path.join(common.ROOT, "benchmarks", "results", "ablation.json" if a.ablation else "quality.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)
+    out = common.write_result("ablation" if a.ablation else "quality", {"rows": rows}, a, a.out)
     print("wrote", out)
 
 
@@ -340,10 +337,7 @@ def regression_main(a):
     rows += regression_baselines(a.config)
     print()
     print_table(rows, REGRESSION_COLS)
-    out = a.out or os.path.join(common.ROOT, "benchmarks", "results", "regression.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)
+    out = common.write_result("regression", {"rows": rows}, a, a.out)
     print("wrote", out)
 
 

@@ -148,8 +148,8 @@ def test_predictor_averages_the_members(ensemble):
     rows.to_csv(work / "rows.csv", index=False)
     subprocess.run([sys.executable, "-m", "mmbert", "predict", str(out), "--data", str(work / "rows.csv"),
                     "--output", str(work / "rows_pred.tsv")], check=True, capture_output=True, cwd=ROOT)
-    np.testing.assert_allclose(pd.read_csv(work / "rows_pred.tsv", sep="\t")["prob"], np.mean(each, axis=0)[:, 1],
-                               atol=2e-6)
+    got = pd.read_csv(work / "rows_pred.tsv", sep="\t").filter(regex="^prob_")  # one prob_<class> per class
+    np.testing.assert_allclose(got.to_numpy(), np.mean(each, axis=0), atol=2e-6)
 
 
 @pytest.mark.slow
@@ -168,8 +168,10 @@ def test_evaluate_ensemble_on_one_and_two_ranks(ensemble, tmp_path):
     one = pd.read_csv(tmp_path / "e1" / "predictions.tsv", sep="\t")
     two = pd.read_csv(tmp_path / "e2" / "predictions.tsv", sep="\t")
     assert sorted(two["row"]) == sorted(each[0]["row"]) and two["row"].is_unique  # every row once
-    np.testing.assert_allclose(one["prob"], (each[0]["prob"] + each[1]["prob"]) / 2, atol=2e-6)
-    np.testing.assert_allclose(two["prob"], one["prob"], atol=2e-6)
+    probs = [df.filter(regex="^prob_").to_numpy() for df in (one, two, *each)]
+    assert probs[0].shape == (len(one), 2)  # binary: prob_<class> for both classes
+    np.testing.assert_allclose(probs[0], (probs[2] + probs[3]) / 2, atol=2e-6)
+    np.testing.assert_allclose(probs[1], probs[0], atol=2e-6)
     with open(tmp_path / "e2" / "metrics.json") as f:
         assert json.load(f)["run"]["model_dir"] == members
 

@@ -1,6 +1,6 @@
 """evaluate.py with real processes (torchrun, gloo on CPU): every row once, in input order, on any world size;
 ids that come back exactly, NaN models, fewer rows than ranks (evaluation and training validation), and
-model directories that lie, refused before allocating. CLI stops follow docs/HARDENING.md: exit 2, one
+model directories that lie, refused before allocating. CLI stops follow docs/RELIABILITY.md: exit 2, one
 `error: ` line, no traceback, nothing written."""
 from __future__ import annotations
 
@@ -113,9 +113,10 @@ def test_ranks_agree_with_one_process_and_count_every_row_once(binary_model, dat
     pred = read_tsv(os.path.join(out, "predictions.tsv"))
     assert pred["rid"].tolist() == source["rid"].tolist()  # exactly the 101 ids, in input order
     assert pred["row"].tolist() == list(range(101))
-    assert list(pred.columns) == ["row", "rid", "label", "prob", "pred"]
+    assert list(pred.columns) == ["row", "rid", "label", "prob_0", "prob_1", "pred"]
     assert pred["label"].tolist() == source["Recommended IND"].astype(str).tolist()
-    assert pred["pred"].tolist() == np.where(pred["prob"] >= 0.5, "1", "0").tolist()
+    np.testing.assert_allclose(pred["prob_0"] + pred["prob_1"], 1, atol=1e-6)
+    assert pred["pred"].tolist() == np.where(pred["prob_1"] > pred["prob_0"], "1", "0").tolist()
     assert_rank_files_partition(out, nproc, 101)
     ranks = pd.concat([read_tsv(f) for f in glob.glob(os.path.join(out, "test_result_rank*.tsv"))])
     assert sorted(ranks["rid"]) == sorted(source["rid"])
@@ -125,12 +126,12 @@ def test_ranks_agree_with_one_process_and_count_every_row_once(binary_model, dat
     m = metrics(out)
     y = pred["label"].astype(int).to_numpy()
     assert m["n"] == 101 and sum(map(sum, m["confusion_matrix"])) == 101
-    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, pred["prob"]), abs=1e-12)
-    assert m["pr_auc"] == pytest.approx(average_precision_score(y, pred["prob"]), abs=1e-12)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, pred["prob_1"]), abs=1e-12)
+    assert m["pr_auc"] == pytest.approx(average_precision_score(y, pred["prob_1"]), abs=1e-12)
     assert 0 <= m["best_threshold"] <= 1 and m["best_threshold_f1"] >= m["f1"] - 1e-12
     for png in PNGS:
         assert os.path.getsize(os.path.join(out, png)) > 1000, png
-    assert_same_run(out, single, ["prob"])
+    assert_same_run(out, single, ["prob_0", "prob_1"])
 
 
 @pytest.mark.slow
@@ -143,13 +144,13 @@ def test_prediction_run_without_label_column(binary_model, data101, single, tmp_
         (out / stale).write_text("old")
     evaluate(binary_model, str(out), "--data", nolabel, "--id-column", "rid", nproc=2)
     pred = read_tsv(str(out / "predictions.tsv"))
-    assert list(pred.columns) == ["row", "rid", "prob", "pred"] and len(pred) == 101
+    assert list(pred.columns) == ["row", "rid", "prob_0", "prob_1", "pred"] and len(pred) == 101
     assert sorted(os.listdir(out)) == ["predictions.tsv", "probability_histogram.png",
                                        "test_result_rank0.tsv", "test_result_rank1.tsv"]
     assert_rank_files_partition(str(out), 2, 101)
     ref = read_tsv(os.path.join(single, "predictions.tsv"))
     assert pred["rid"].tolist() == ref["rid"].tolist() and pred["pred"].tolist() == ref["pred"].tolist()
-    np.testing.assert_allclose(pred["prob"], ref["prob"], atol=1e-5)
+    np.testing.assert_allclose(pred[["prob_0", "prob_1"]], ref[["prob_0", "prob_1"]], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -170,16 +171,16 @@ def test_split_from_model_config_reproduces_training_validation(binary_model, tm
 
 
 @pytest.mark.slow
-def test_indices_keep_list_order_and_max_rows(binary_model, data101, single, tmp_path):
+def test_indices_keep_list_order_and_max_eval_rows(binary_model, data101, single, tmp_path):
     idx = tmp_path / "idx.txt"
     idx.write_text("\n".join(map(str, [90, 3, 55, 7, 100, 0, 42])) + "\n")
     out = str(tmp_path / "out")
-    evaluate(binary_model, out, "--data", data101, "--indices", str(idx), "--max-rows", "6", "--id-column", "rid")
+    evaluate(binary_model, out, "--data", data101, "--indices", str(idx), "--max-eval-rows", "6", "--id-column", "rid")
     pred = read_tsv(os.path.join(out, "predictions.tsv"))
     assert pred["row"].tolist() == [90, 3, 55, 7, 100, 0]  # the index list's order, first 6
     ref = read_tsv(os.path.join(single, "predictions.tsv")).set_index("row").loc[[90, 3, 55, 7, 100, 0]]
     assert pred["rid"].tolist() == ref["rid"].tolist()
-    np.testing.assert_allclose(pred["prob"], ref["prob"], atol=1e-5)
+    np.testing.assert_allclose(pred[["prob_0", "prob_1"]], ref[["prob_0", "prob_1"]], atol=1e-5)
     assert metrics(out)["n"] == 6
 
 
@@ -252,6 +253,92 @@ def test_bad_arguments_are_one_line(tmp_path):
                          (["--split", "dev"], "invalid choice")):
         with pytest.raises(ConfigError, match=words):
             parse_eval_args(base + extra)
+
+
+# ----------------------------------------------------------------------------- EvalOptions
+
+def test_eval_options_resolved_returns_a_new_checked_copy(tmp_path):
+    import copy
+
+    from mmbert.evaluation.options import EvalOptions
+
+    opts = EvalOptions(model_dir=tmp_path / "m", output_dir=tmp_path / "o", importance=True)
+    before = copy.deepcopy(opts)
+    got = opts.resolved()
+    assert opts == before and opts.model_dirs == [] and opts.importance_repeats is None  # left as it was
+    assert got is not opts and got.model_dir == [str(tmp_path / "m")] and got.model_dirs == [str(tmp_path / "m")]
+    assert (got.output_dir, got.main_model_dir) == (str(tmp_path / "o"), str(tmp_path / "m"))
+    assert (got.importance_repeats, got.importance_seed, got.importance_rows) == (3, 0, None)
+    assert EvalOptions(model_dir=["m"], output_dir="o").resolved().importance_repeats is None  # only with importance
+    assert (got.plots, got.progress, got.cache, got.timeout_s, got.batch_size) == (True, True, True, 600, 32)
+
+    onnx = tmp_path / "export" / "model.onnx"
+    onnx.parent.mkdir()
+    for given in (str(onnx), str(onnx.parent)):  # the export folder stands in for --model-dir
+        o = EvalOptions(onnx=given, output_dir="o").resolved()
+        assert o.model_dir == o.model_dirs == [str(onnx.parent)] and o.model_name() == given
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"output_dir": None}, "evaluate.py: --output-dir is required"),
+    ({"split": "test", "indices": "x.txt"}, "evaluate.py: argument --indices: not allowed with argument --split"),
+    ({"split": "dev"}, "evaluate.py: argument --split: invalid choice: 'dev' (choose from 'train', 'val', 'test')"),
+    ({"precision": "int8"}, "evaluate.py: argument --precision: invalid choice: 'int8'"),
+    ({"batch_size": 0}, "evaluate.py: --batch-size must be >= 1, got 0"),
+    ({"batch_size": "8"}, "evaluate.py: --batch-size must be an integer, got '8'"),
+    ({"max_eval_rows": 0}, "evaluate.py: --max-eval-rows must be >= 1, got 0"),
+    ({"num_threads": 0}, "evaluate.py: --num-threads must be >= 1, got 0"),
+    ({"timeout_s": -1}, "evaluate.py: --timeout-s must be >= 1, got -1"),
+    ({"importance": True, "importance_repeats": 0}, "evaluate.py: --importance-repeats must be >= 1, got 0"),
+    ({"importance": True, "importance_rows": 0}, "evaluate.py: --importance-rows must be >= 1, got 0"),
+    ({"importance_rows": 5}, "evaluate.py: --importance-rows needs --importance"),
+    ({"importance_seed": 1}, "evaluate.py: --importance-seed needs --importance"),
+    ({"onnx": "m.onnx", "precision": "fp16"}, "evaluate.py: --precision applies to PyTorch scoring"),
+    ({"model_dir": []}, "evaluate.py: give --model-dir (a trained model) or --onnx (an exported one)"),
+])
+def test_eval_options_checks_are_one_line_naming_the_flag(tmp_path, changes, message):
+    import copy
+
+    from mmbert.errors import ConfigError
+    from mmbert.evaluation.options import EvalOptions
+
+    opts = EvalOptions(**{"model_dir": [str(tmp_path)], "output_dir": str(tmp_path / "o"), **changes})
+    before = copy.deepcopy(opts)
+    with pytest.raises(ConfigError) as e:
+        opts.resolved()
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert opts == before
+    with pytest.raises(ConfigError, match="^mmbert.evaluate: "):  # the caller's name leads the line
+        opts.resolved("mmbert.evaluate")
+
+
+def test_eval_options_are_torch_free_and_flag_ready():
+    """The command line imports the options before anything heavy; every field the flags are made of has help."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    code = "import sys, mmbert.evaluation.options; print(sorted({'torch', 'argparse'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    from mmbert.evaluation.options import EvalOptions
+
+    flags = [f for f in dataclasses.fields(EvalOptions) if f.init]
+    assert all(f.metadata.get("help") for f in flags)
+    assert "model_dirs" not in {f.name for f in flags}  # filled by resolved(), never given
+
+
+def test_binary_and_multiclass_prediction_columns_are_prob_per_class():
+    from types import SimpleNamespace
+
+    from mmbert.evaluation.outputs import score_columns
+
+    binary = score_columns(SimpleNamespace(task="classification", class_names=["no", "yes"]),
+                           np.asarray([[0.8, 0.2], [0.3, 0.7]], np.float32))
+    assert list(binary) == ["prob_no", "prob_yes", "pred"] and binary["pred"].tolist() == ["no", "yes"]
+    np.testing.assert_allclose(binary["prob_yes"], [0.2, 0.7])
+    three = score_columns(SimpleNamespace(task="classification", class_names=["a", "b", "c"]),
+                          np.asarray([[0.1, 0.2, 0.7]], np.float32))
+    assert list(three) == ["prob_a", "prob_b", "prob_c", "pred"] and three["pred"].tolist() == ["c"]
 
 
 def test_metrics_and_pictures_in_process(tmp_path):
@@ -364,6 +451,22 @@ def test_ids_come_back_exactly_in_every_prediction_file(work, model_dir, tmp_pat
         assert got == by_csv == [expect[i] for i in rows]
         shards.update(zip(rows, got))
     assert sorted(shards) == list(range(len(IDS)))
+
+
+def test_one_process_writes_predictions_without_a_rank_file(work, model_dir, tmp_path):
+    """One process: predictions.tsv holds its rows, so no test_result_rank0.tsv repeats them (an earlier run's
+    rank file is removed); run through EvalOptions, as the command line and mmbert.evaluate do."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "test_result_rank0.tsv").write_text("old")
+    code = ("import sys; from mmbert.evaluation.options import EvalOptions; "
+            "from mmbert.evaluation.run import evaluate; evaluate(EvalOptions(model_dir=[sys.argv[1]], output_dir=sys.argv[2], data=sys.argv[3], plots=False, "
+            "progress=False, cache=False, num_threads=1))")
+    r = run_cli(["-c", code, model_dir, str(out), str(work / "train.csv")])
+    assert outputs(out) == ["metrics.json", "predictions.tsv"]
+    assert f"outputs in {out}: predictions.tsv, metrics.json\n" in r.stdout
+    pred = pd.read_csv(out / "predictions.tsv", sep="\t", dtype={"label": str, "pred": str})
+    assert list(pred.columns) == ["row", "rid", "label", "prob_0", "prob_1", "pred"] and len(pred) == 120
 
 
 # ----------------------------------------------------------------------------- a NaN model, undefined metrics

@@ -177,7 +177,7 @@ def planted(tiny_bert, tmp_path_factory):
     cfg = write_config(work / "c.yaml", tiny_bert, data, data={
         "text_columns": ["note"], "numeric_columns": ["signal", "noise"], "categorical_columns": ["colour"],
         "label_column": "y", "max_tokens": 16, "max_chunks": 1, "split": {"fractions": [0.7, 0.3], "seed": 0}},
-                       train={"output_dir": out, "batch_size": 16, "lr": 3e-3, "seed": 0})
+                       train={"output_dir": out, "batch_size": 16, "lr": 3e-3, "head_lr": None, "seed": 0})
     run_cli(["train.py", "--config", cfg, "--max-steps", "60", "--strategy", "none"])
     return os.path.join(out, "final"), work
 
@@ -242,7 +242,7 @@ def test_api_row_sample_and_prediction_run_refusal(planted, tmp_path):
     import mmbert
 
     model, work = planted
-    res = mmbert.evaluate(model, output_dir=str(tmp_path / "api"), split="val", no_plots=True, no_progress=True,
+    res = mmbert.evaluate(model, output_dir=str(tmp_path / "api"), split="val", plots=False, progress=False,
                           num_threads=1, importance=True, importance_rows=60, importance_repeats=2, importance_seed=5)
     assert res.importance == read_importance(tmp_path / "api")
     assert (res.importance["rows"], res.importance["rows_selected"], res.importance["repeats"]) == (60, 180, 2)

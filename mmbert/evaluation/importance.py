@@ -14,7 +14,6 @@ every rank computes the same numbers; the row subset and the permutations come f
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -28,8 +27,11 @@ from ..data.dataset import TableDataset
 from ..data.preprocess import Encoded, Z_MAX
 from ..data.tokenize import chunk_tokenize, pad_id
 from ..metrics import DEFAULT_METRIC, VAL_LOSS, compute_metrics, compute_regression_metrics, metric_row
+from ..models.registry import TABULAR, TEXT, fusion_names, sides_read
 from ..scoring import predict
 from ..task import CLASSIFICATION, REGRESSION
+from .options import EvalOptions
+from .outputs import check_scores, write_json
 from .rows import select_rows
 
 log = logging.getLogger("mmbert")
@@ -38,6 +40,7 @@ main_log = logging.getLogger("mmbert.main")  # rank 0 only
 IMPORTANCE_JSON = "importance.json"
 IMPORTANCE_PNG = "importance.png"
 FILES = (IMPORTANCE_JSON, IMPORTANCE_PNG)
+BOTH_SIDES = frozenset({TEXT, TABULAR})
 
 
 # ----------------------------------------------------------------------------- the pure parts
@@ -80,10 +83,16 @@ def permute_column(df: pd.DataFrame, column: str, perm: np.ndarray) -> pd.DataFr
     return out
 
 
-def columns_of(pre) -> list[tuple[str, str]]:
-    """(column, kind) of every configured input column, in preprocessing.json's order."""
-    return ([(c, "text") for c in pre.text_columns] + [(c, "numeric") for c in pre.numeric_columns]
+def columns_of(pre, sides: frozenset[str] = BOTH_SIDES) -> list[tuple[str, str]]:
+    """(column, kind) of every configured input column the model reads, in preprocessing.json's order: a text
+    column when it reads text, a tabular one when it reads tabular columns or the column is serialized into
+    a text it reads (`sides`: model_sides; permuting a column it never sees would only cost scorings)."""
+    def reads(c, kind):
+        return (TEXT if kind == "text" else TABULAR) in sides or (TEXT in sides and in_text(pre, c))
+
+    cols = ([(c, "text") for c in pre.text_columns] + [(c, "numeric") for c in pre.numeric_columns]
             + [(c, "categorical") for c in pre.categorical_columns])
+    return [(c, kind) for c, kind in cols if reads(c, kind)]
 
 
 def encode(pre, tokenizer, df: pd.DataFrame, file: str, edit: Optional[Callable[[Encoded], None]] = None,
@@ -124,15 +133,32 @@ def mask_tabular(pre) -> Callable[[Encoded], None]:
     return edit
 
 
-def modality_masks(pre) -> dict[str, tuple[str, Callable[[Encoded], None]]]:
-    """view -> (side masked, edit); a view is left out when the side it masks has no columns (it would be
-    the baseline again)."""
+def modality_masks(pre, sides: frozenset[str] = BOTH_SIDES) -> dict[str, tuple[str, Callable[[Encoded], None]]]:
+    """view -> (side masked, edit); a view is left out when the side it masks has no columns or is not read by
+    the model (`sides`: model_sides): it would be the baseline again."""
     views = {}
-    if pre.numeric_columns or pre.categorical_columns:
+    if TABULAR in sides and (pre.numeric_columns or pre.categorical_columns):
         views["text_only"] = ("tabular", mask_tabular(pre))
-    if pre.text_columns:
+    if TEXT in sides and pre.text_columns:
         views["tabular_only"] = ("text", mask_text)
     return views
+
+
+def model_sides(args) -> frozenset[str]:
+    """The sides (text, tabular) the scored model reads, told by its fusion (an ensemble: any member's) from
+    model_spec.json, or for --onnx from the export manifest; both sides when the manifest names none."""
+    from ..artifact import read_spec
+    from ..serving import read_manifest
+
+    if args.onnx:
+        path = os.path.join(args.onnx, "model.onnx") if os.path.isdir(args.onnx) else args.onnx
+        entry = read_manifest(os.path.dirname(os.path.abspath(path))).get("exports", {}).get(os.path.basename(path))
+        entry = entry if isinstance(entry, dict) else {}
+        members = (entry.get("ensemble") or {}).get("members") or [entry]
+        fusions = [m.get("fusion") if isinstance(m, dict) else None for m in members]
+    else:
+        fusions = [read_spec(d).fusion for d in args.model_dirs]
+    return sides_read(fusions) if set(fusions) <= set(fusion_names()) else BOTH_SIDES
 
 
 def summarize(metric: str, higher: bool, baseline: float, drops: dict[str, list[float]],
@@ -156,7 +182,8 @@ def summarize(metric: str, higher: bool, baseline: float, drops: dict[str, list[
 @dataclass
 class Scoring:
     """Scores a dataset on every rank (mmbert.scoring.predict: each row once) and returns its metric."""
-    args: argparse.Namespace
+    batch_size: int
+    source: str  # what scores the rows, for messages
     env: object
     scorer: Callable
     pre: object
@@ -167,36 +194,35 @@ class Scoring:
     def metric(self, df: pd.DataFrame, edit: Optional[Callable[[Encoded], None]] = None,
                same_text: bool = False) -> tuple[str, float, bool]:
         """The metric of `df` (`edit` applied); same_text: its texts are the baseline's (tokens reused)."""
-        from .run import check_scores, model_name
-
         ds = encode(self.pre, self.tokenizer, df, self.file, edit, self.base if same_text else None)
         if self.base is None:
             self.base = ds
-        _, _, probs = predict(None, ds, self.env.rank, self.env.world_size, self.env.device, self.args.batch_size,
+        _, _, probs = predict(None, ds, self.env.rank, self.env.world_size, self.env.device, self.batch_size,
                               pad_id(self.tokenizer), scorer=self.scorer, num_classes=self.pre.num_outputs)
-        check_scores(probs, ds, self.pre, model_name(self.args))
+        check_scores(probs, ds, self.pre, self.source)
         return primary_metric(ds.enc.labels, probs, self.pre.task)
 
 
-def run_importance(args: argparse.Namespace, env, scorer: Callable, pre, tokenizer) -> dict:
+def run_importance(opts: EvalOptions, env, scorer: Callable, pre, tokenizer) -> dict:
     """Every rank: the baseline, each column's permutations and the modality views, scored on the selected
     rows (a seeded subset with --importance-rows). Rank 0 writes importance.json / .png and prints the table."""
     t0 = time.time()
-    sel = select_rows(args)
-    rows = subset_positions(len(sel.df), args.importance_rows, args.importance_seed)
+    sel = select_rows(opts)
+    rows = subset_positions(len(sel.df), opts.importance_rows, opts.importance_seed)
     df = sel.df.iloc[rows]
-    cols, masks, repeats = columns_of(pre), modality_masks(pre), args.importance_repeats
+    sides = model_sides(opts)
+    cols, masks, repeats = columns_of(pre, sides), modality_masks(pre, sides), opts.importance_repeats
     scorings = 1 + len(cols) * repeats + len(masks)
     main_log.info("importance: %d scorings of %d rows%s (baseline + %d columns x %d repeats + %d modality views)",
                   scorings, len(df), "" if len(df) == len(sel.df) else f" (a seeded sample of {len(sel.df)})",
                   len(cols), repeats, len(masks))
-    s = Scoring(args, env, scorer, pre, tokenizer, sel.file)
+    s = Scoring(opts.batch_size, opts.model_name(), env, scorer, pre, tokenizer, sel.file)
     t1 = time.time()
     metric, baseline, higher = s.metric(df)
     each = time.time() - t1
     main_log.info("importance: baseline %s %.4f (%.1fs; about %.0fs for the rest)", metric, baseline, each,
                   each * (scorings - 1))
-    perms = permutations(len(df), repeats, args.importance_seed)
+    perms = permutations(len(df), repeats, opts.importance_seed)
     drops: dict[str, list[float]] = {}
     for c, _ in cols:
         drops[c] = [drop(baseline, s.metric(permute_column(df, c, p), same_text=not in_text(pre, c))[1], higher)
@@ -206,18 +232,16 @@ def run_importance(args: argparse.Namespace, env, scorer: Callable, pre, tokeniz
                 for name, (side, edit) in masks.items()}
     result = summarize(metric, higher, baseline, drops, dict(cols), list(pre.serialize_columns), modality)
     result.update({"rows": int(len(df)), "rows_selected": int(len(sel.df)), "repeats": repeats,
-                   "seed": args.importance_seed, "scorings": scorings, "data": sel.file,
+                   "seed": opts.importance_seed, "scorings": scorings, "data": sel.file,
                    "selection": sel.description, "world_size": env.world_size,
                    "seconds": round(time.time() - t0, 2)})
     if env.is_main:
-        write_importance(args.output_dir, result, plot=not args.no_plots)
+        write_importance(opts.output_dir, result, plot=opts.plots)
         print(importance_table(result), flush=True)
     return result
 
 
 def write_importance(out: str, result: dict, plot: bool = True) -> list[str]:
-    from .run import write_json
-
     path = os.path.join(out, IMPORTANCE_JSON)
     write_json(path, result)
     if not plot:

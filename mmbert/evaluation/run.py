@@ -8,8 +8,9 @@ regression's prediction in original units) are all-gathered and the padding repe
 so every input row counts exactly once.
 
 Outputs (OUT = --output-dir):
-    test_result_rank{r}.tsv   rank r's own rows (no padding repeats), in input order
-    predictions.tsv           all rows once, in input order (rank 0)
+    predictions.tsv           all rows once, in input order (rank 0): row, [id], [label], then prob_<class>
+                              per class and pred (classification) or prediction (regression)
+    test_result_rank{r}.tsv   several processes: rank r's own rows (no padding repeats), in input order
     metrics.json              labelled data only (rank 0)
     *.png                     classification: ROC / PR curves and confusion matrix (labelled data), probability
                               histogram; regression: predicted-vs-actual scatter and residual histogram
@@ -18,12 +19,8 @@ Outputs (OUT = --output-dir):
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import glob
-import json
 import logging
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -43,9 +40,11 @@ from ..metrics import per_class_report, summary_table, task_metrics
 from ..scoring import Scorer, predict, torch_scorer
 from ..serving import MANIFEST, OnnxScorer
 from ..task import REGRESSION
-from .plots import ALL as PLOT_FILES
 from .importance import FILES as IMPORTANCE_FILES
 from .importance import run_importance
+from .options import EvalOptions
+from .outputs import check_scores, label_column, score_columns, stage_tsv, write_json, write_tsv
+from .plots import ALL as PLOT_FILES
 from .plots import task_plots
 from .rows import Selection, check_data_exists, scored_rows
 
@@ -59,28 +58,28 @@ RANK_FILE = "test_result_rank{}.tsv"
 
 # ----------------------------------------------------------------------------- scorer (the pluggable part)
 
-def load_torch_scorer(args: argparse.Namespace, env: DistEnv):
+def load_torch_scorer(opts: EvalOptions, env: DistEnv):
     """(scorer, preprocessor, tokenizer) from the model directory: the consolidated safetensors weights
     in a plain model on this rank's device (an ensemble of them with several directories)."""
-    md = open_models(model_dirs(args), args.trust_remote_code)
+    md = open_models(opts.model_dirs, opts.trust_remote_code)
     md.model.to(env.device)
-    precision = resolve_precision(args.precision, env.device)
+    precision = resolve_precision(opts.precision, env.device)
     return torch_scorer(md.model, env.device, lambda: autocast(precision, "none", env.device)), md.pre, md.tokenizer
 
 
 # A scorer loader returns (batch -> scores callable, Preprocessor, tokenizer); run_evaluation takes it as
 # argument. The scorer gets the host batch of `collate` and returns B x K scores (K = 1: regression).
-ScorerLoader = Callable[[argparse.Namespace, DistEnv], "tuple[Scorer, object, object]"]
+ScorerLoader = Callable[[EvalOptions, DistEnv], "tuple[Scorer, object, object]"]
 
 
-def load_onnx_scorer(args: argparse.Namespace, env: DistEnv):
+def load_onnx_scorer(opts: EvalOptions, env: DistEnv):
     """(scorer, preprocessor, tokenizer) from an export folder: onnxruntime scores, and the preprocessing
     and tokenizer shipped beside the ONNX file (the same ones the served model uses)."""
     import torch
 
-    s = OnnxScorer(args.onnx, threads=torch.get_num_threads())
-    if os.path.realpath(args.model_dir) != os.path.realpath(s.folder):
-        check_exported_from(s, args.model_dir)
+    s = OnnxScorer(opts.onnx, threads=torch.get_num_threads())
+    if os.path.realpath(opts.main_model_dir) != os.path.realpath(s.folder):
+        check_exported_from(s, opts.main_model_dir)
     return s.scores, s.preprocessor, s.tokenizer
 
 
@@ -98,33 +97,13 @@ def check_exported_from(s: OnnxScorer, model_dir: str):
                             f"folder it was exported from, or leave --model-dir out")
 
 
-def default_scorer_loader(args: argparse.Namespace) -> ScorerLoader:
+def default_scorer_loader(opts: EvalOptions) -> ScorerLoader:
     """PyTorch on the model directory, or onnxruntime with --onnx. Everything else (row selection,
     sharding, gathering, files, metrics, plots) is the same code for both."""
-    return load_onnx_scorer if getattr(args, "onnx", None) else load_torch_scorer
+    return load_onnx_scorer if opts.onnx else load_torch_scorer
 
 
 # ----------------------------------------------------------------------------- output files
-
-def prob_columns(class_names: list[str]) -> list[str]:
-    return ["prob"] if len(class_names) == 2 else [f"prob_{c}" for c in class_names]
-
-
-def score_columns(pre, scores: np.ndarray) -> dict:
-    """The prediction files' score columns (evaluate.py and `mmbert predict`): classification: probability
-    column(s) and pred (class name of the most probable class); regression: prediction (original units)."""
-    if pre.task == REGRESSION:
-        return {"prediction": scores[:, 0]}
-    names = np.asarray(pre.class_names, dtype=object)
-    cols = {"prob": scores[:, 1]} if len(names) == 2 else dict(zip(prob_columns(pre.class_names), scores.T))
-    cols["pred"] = names[scores.argmax(1)] if len(scores) else np.asarray([], dtype=object)
-    return cols
-
-
-def label_column(pre, labels: np.ndarray) -> np.ndarray:
-    """Known labels as the prediction files show them: class names, or a regression's target values."""
-    return labels if pre.task == REGRESSION else np.asarray(pre.class_names, dtype=object)[labels]
-
 
 def prediction_frame(ds: TableDataset, positions: np.ndarray, scores: np.ndarray, pre) -> pd.DataFrame:
     """One row per position: row (0-based row number in the data file), id, label (when known), then the
@@ -138,24 +117,6 @@ def prediction_frame(ds: TableDataset, positions: np.ndarray, scores: np.ndarray
         cols["label"] = label_column(pre, enc.labels[positions])
     cols.update(score_columns(pre, scores))
     return pd.DataFrame(cols)
-
-
-def stage_tsv(df: pd.DataFrame, path: str) -> str:
-    """Write `path`.tmp (renamed once every rank agrees, so a crash never leaves a half file under the real
-    name). Every text field is quoted (RFC 4180, `"` doubled): an id holding a tab, `\n` or `\r` stays one
-    field (QUOTE_MINIMAL leaves a lone `\r` bare, which readers take for a line break)."""
-    df = df.copy()
-    for c in df.columns:
-        if df[c].dtype.kind == "f":  # the shortest float64 that is the float32 (%.9g round-trips float32):
-            df[c] = np.char.mod("%.9g", df[c].to_numpy()).astype(np.float64)  # written bare, not as text
-    tmp = path + ".tmp"
-    df.to_csv(tmp, sep="," if path.endswith(".csv") else "\t", index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
-    return tmp
-
-
-def write_tsv(df: pd.DataFrame, path: str):
-    """Written whole or not at all; comma-separated when `path` ends with .csv."""
-    os.replace(stage_tsv(df, path), path)
 
 
 def agree(step: Callable[[], object]):
@@ -177,34 +138,6 @@ def agree(step: Callable[[], object]):
     return value
 
 
-def check_scores(probs: np.ndarray, ds: TableDataset, pre, source: str):
-    """The merged scores, identical on every rank: so every rank takes the same decision here, before
-    anything is written."""
-    if probs.shape[1] != pre.num_outputs:
-        want = ("1 prediction (regression)" if pre.task == REGRESSION
-                else f"{pre.num_classes} probabilities (the label map's classes {pre.classes})")
-        raise ArtifactError(f"the scorer returns {probs.shape[1]} scores per row but the model needs {want}")
-    bad = ~np.isfinite(probs).all(axis=1)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        what = "predictions" if pre.task == REGRESSION else "probabilities"
-        raise ArtifactError(f"{source}: the model gives NaN/inf {what} for {int(bad.sum())} of {len(probs)} "
-                            f"rows (first: row {int(ds.enc.rows[first])}): check its weights for NaN/inf; no "
-                            f"prediction file was written")
-
-
-def _json_safe(v):
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def clear_outputs(out: str):
     """Remove what an earlier run left in OUT (e.g. rank files of a larger world size, or metrics.json
     before a prediction run), so the folder only describes this run."""
@@ -217,10 +150,12 @@ def clear_outputs(out: str):
 
 # ----------------------------------------------------------------------------- the run
 
-def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = None) -> dict:
-    env = init_distributed(args.timeout_s, args.num_threads)
+def evaluate(opts: EvalOptions, scorer_loader: Optional[ScorerLoader] = None) -> dict:
+    """evaluate.py: score the selected rows with `opts` (checked and expanded here unless they already are)."""
+    opts = opts if opts.model_dirs else opts.resolved()  # resolving again would re-read every ensemble member
+    env = init_distributed(opts.timeout_s, opts.num_threads)
     try:
-        result = run_evaluation(args, env, scorer_loader or default_scorer_loader(args))
+        result = run_evaluation(opts, env, scorer_loader or default_scorer_loader(opts))
         # every rank done (rank 0 writes the merged files last) before any tears the group down: a rank that
         # destroys it while a peer still works in it can abort in gloo's threads ("terminate called ...")
         import torch.distributed as dist
@@ -232,74 +167,67 @@ def evaluate(args: argparse.Namespace, scorer_loader: Optional[ScorerLoader] = N
         cleanup(env)
 
 
-def model_dirs(args: argparse.Namespace) -> list[str]:
-    """The model directories scored: an ensemble's members (cli.set_model_dirs), or the one --model-dir."""
-    return getattr(args, "model_dirs", None) or [args.model_dir]
-
-
-def model_name(args: argparse.Namespace) -> str:
-    """What scores the rows, for messages: the export, the model directory, or the ensemble's members."""
-    dirs = model_dirs(args)
-    if args.onnx or len(dirs) == 1:
-        return args.onnx or dirs[0]
-    return f"ensemble of {len(dirs)} ({', '.join(dirs)})"
-
-
-def prepare_output_dir(args: argparse.Namespace) -> str:
-    out = args.output_dir
+def prepare_output_dir(opts: EvalOptions) -> str:
+    out = opts.output_dir
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output directory {out}: {e.strerror}") from None
-    if not getattr(args, "onnx", None):
+    if not opts.onnx:
         from ..artifact import require_model_dir
 
-        for d in model_dirs(args):
+        for d in opts.model_dirs:
             require_model_dir(d)  # named before any data error, as load_artifact would
     return out
 
 
-def run_evaluation(args: argparse.Namespace, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
+def run_evaluation(opts: EvalOptions, env: DistEnv, scorer_loader: ScorerLoader) -> dict:
     t0 = time.time()
-    out = prepare_output_dir(args)
-    check_data_exists(args)  # a bad data file is reported before seconds go into loading the model
-    scorer, pre, tokenizer = scorer_loader(args, env)
-    ds, sel, labelled = scored_rows(args, env, pre, tokenizer)
-    if getattr(args, "importance", False) and not labelled:
+    out = prepare_output_dir(opts)
+    check_data_exists(opts.data)  # a bad data file is reported before seconds go into loading the model
+    scorer, pre, tokenizer = scorer_loader(opts, env)
+    ds, sel, labelled = scored_rows(opts, env, pre, tokenizer)
+    if opts.importance and not labelled:
         raise ConfigError(f"--importance needs labelled rows: {sel.file} has no label column '{pre.label_column}'")
     if env.is_main:
         clear_outputs(out)  # before predict(): its all-gather orders this before any rank writes
         log.info("%s: %d rows (%s)%s | model %s | %d process%s on %s", sel.file, len(ds), sel.description,
                  "" if labelled else f" | no label column '{pre.label_column}': prediction run",
-                 model_name(args), env.world_size, "es" if env.world_size > 1 else "", env.device)
+                 opts.model_name(), env.world_size, "es" if env.world_size > 1 else "", env.device)
 
-    own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, args.batch_size, pad_id(tokenizer),
-                                    progress=env.is_main and not args.no_progress, scorer=scorer,
+    own, own_probs, probs = predict(None, ds, env.rank, env.world_size, env.device, opts.batch_size, pad_id(tokenizer),
+                                    progress=env.is_main and opts.progress, scorer=scorer,
                                     num_classes=pre.num_outputs)
-    check_scores(probs, ds, pre, model_name(args))
-    order = np.argsort(own, kind="stable")  # the rank file in input order too
-    rank_file = os.path.join(out, RANK_FILE.format(env.rank))
-    staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], pre), rank_file))
-    os.replace(staged, rank_file)
-    result = write_outputs(args, env, sel, ds, probs, pre, labelled, t0) if env.is_main else {}
-    if getattr(args, "importance", False):  # every rank scores: after the evaluation's files are written
-        run_importance(args, env, scorer, pre, tokenizer)
+    check_scores(probs, ds, pre, opts.model_name())
+    if env.world_size > 1:  # one process: predictions.tsv alone holds its rows (a rank file would repeat them)
+        write_rank_file(out, env, ds, own, own_probs, pre)
+    result = write_outputs(opts, env, sel, ds, probs, pre, labelled, t0) if env.is_main else {}
+    if opts.importance:  # every rank scores: after the evaluation's files are written
+        run_importance(opts, env, scorer, pre, tokenizer)
     return result
 
 
-def write_outputs(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
+def write_rank_file(out: str, env: DistEnv, ds: TableDataset, own: np.ndarray, own_probs: np.ndarray, pre):
+    """This rank's own rows in input order, renamed into place once every rank has staged its own."""
+    order = np.argsort(own, kind="stable")
+    rank_file = os.path.join(out, RANK_FILE.format(env.rank))
+    staged = agree(lambda: stage_tsv(prediction_frame(ds, own[order], own_probs[order], pre), rank_file))
+    os.replace(staged, rank_file)
+
+
+def write_outputs(opts: EvalOptions, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
                   pre, labelled: bool, t0: float) -> dict:
     """Rank 0: predictions.tsv, metrics.json (labelled data), the pictures and the summary on screen."""
-    out = args.output_dir
+    out = opts.output_dir
     write_tsv(prediction_frame(ds, np.arange(len(ds)), probs, pre), os.path.join(out, PREDICTIONS))
-    result = write_metrics(args, env, sel, ds, probs, pre, t0) if labelled else {}
-    pictures = [] if args.no_plots else task_plots(out, probs, pre, ds.enc.labels if labelled else None,
-                                                   result.get("confusion_matrix"))
+    result = write_metrics(opts, env, sel, ds, probs, pre, t0) if labelled else {}
+    pictures = [] if not opts.plots else task_plots(out, probs, pre, ds.enc.labels if labelled else None,
+                                                    result.get("confusion_matrix"))
     print(summary(sel, ds, probs, pre, result, env.world_size, time.time() - t0, out, pictures), flush=True)
     return result
 
 
-def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
+def write_metrics(opts: EvalOptions, env: DistEnv, sel: Selection, ds: TableDataset, probs: np.ndarray,
                   pre, t0: float) -> dict:
     labels = ds.enc.labels
     result = task_metrics(labels, probs, pre)
@@ -307,18 +235,11 @@ def write_metrics(args: argparse.Namespace, env: DistEnv, sel: Selection, ds: Ta
         result["per_class"] = per_class_report(labels, probs, pre.class_names)
     # what preprocessing counted (unseen categories, duplicate ids, cut texts, missing values ...)
     result["data_report"] = ds.enc.report
-    dirs = model_dirs(args)
-    result["run"] = {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "onnx": args.onnx, "data": sel.file,
+    dirs = opts.model_dirs
+    result["run"] = {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "onnx": opts.onnx, "data": sel.file,
                      "rows": sel.description, "world_size": env.world_size, "seconds": round(time.time() - t0, 2)}
-    write_json(os.path.join(args.output_dir, METRICS), result)
+    write_json(os.path.join(opts.output_dir, METRICS), result)
     return result
-
-
-def write_json(path: str, obj: dict):
-    """`obj` as JSON (NaN/inf as null), written whole or not at all."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(_json_safe(obj), f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, pre, metrics: dict,
@@ -344,7 +265,7 @@ def summary(sel: Selection, ds: TableDataset, probs: np.ndarray, pre, metrics: d
     else:
         counts = np.bincount(probs.argmax(1), minlength=len(class_names)) if len(probs) else []
         lines.append("predicted classes: " + ", ".join(f"{c}={int(n)}" for c, n in zip(class_names, counts)))
-    files = [PREDICTIONS, RANK_FILE.format(0 if world == 1 else "{0.." + str(world - 1) + "}")]
+    files = [PREDICTIONS] + ([RANK_FILE.format("{0.." + str(world - 1) + "}")] if world > 1 else [])
     if metrics:
         files.append(METRICS)
     files += [os.path.basename(p) for p in pictures]

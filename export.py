@@ -2,8 +2,8 @@
 """Export a trained model directory to ONNX (probabilities out), verified against PyTorch with onnxruntime
 (the same as `mmbert export`):
 
-    python export.py --model-dir runs/womens_clothing/final --output exported/model.onnx
-    python export.py --model-dir runs/womens_clothing/final --output exported/model.onnx --quantize int8
+    python export.py --model-dir runs/womens_clothing/final --output-dir exported
+    python export.py --model-dir runs/womens_clothing/final --output-dir exported --quantize int8
 """
 import os
 

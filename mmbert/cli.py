@@ -1,5 +1,7 @@
 """The command line: `mmbert train | evaluate | export | predict` (also `python -m mmbert`), and the
-parsers behind train.py, evaluate.py and export.py, which are thin wrappers of the same functions."""
+parsers behind train.py, evaluate.py and export.py, which are thin wrappers of the same functions. The train
+and evaluate flags are generated from the settings' fields (mmbert/settings.py): one flag per config key /
+evaluate option."""
 from __future__ import annotations
 
 import argparse
@@ -7,107 +9,63 @@ import os
 import sys
 from typing import Optional
 
-from .config import FUSIONS, STRATEGIES, Config, _parse_scalar, load_config
+from .config import Config, _parse_scalar
 from .errors import ConfigError, run_main
-
-# flag -> (config key, type)
-SHORTCUTS = {
-    "data": ("data.path", str),
-    "output_dir": ("train.output_dir", str),
-    "strategy": ("dist.strategy", str),
-    "fusion": ("model.fusion", str),
-    "encoder": ("model.encoder", str),
-    "max_steps": ("train.max_steps", int),
-    "epochs": ("train.epochs", int),
-    "max_train_rows": ("data.max_train_rows", int),
-    "max_eval_rows": ("data.max_eval_rows", int),
-    "batch_size": ("train.batch_size", int),
-    "max_tokens": ("data.max_tokens", int),
-    "max_chunks": ("data.max_chunks", int),
-    "log_every": ("train.log_every", int),
-    "checkpoint_every": ("train.checkpoint_every", int),
-    "eval_every": ("train.eval_every", int),
-    "resume": ("train.resume", str),
-    "seed": ("train.seed", int),
-    "seeds": ("train.seeds", list),
-    "lr": ("train.lr", float),
-}
-SPLITS = ("train", "val", "test")
-IMPORTANCE_REPEATS, IMPORTANCE_SEED = 3, 0  # evaluate --importance's defaults
+from .settings import add_flags, given, unknown_flag_message
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user error
+    """One-line errors (exit 2, like every other user error); an unknown flag names the closest one, or the
+    mmbert name of a Hugging Face Trainer argument, when the parser knows its settings class."""
+
+    def __init__(self, *a, settings=None, **kw):
+        super().__init__(*a, **kw)
+        self.settings = settings
+
+    def error(self, message):
         raise ConfigError(f"{self.prog}: {message}")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, rest = self.parse_known_args(args, namespace)
+        if rest:
+            flag = next((r for r in rest if r.startswith("-")), None)
+            if flag and self.settings is not None:
+                self.error(unknown_flag_message(flag, self.settings))
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return ns
 
 
 # ----------------------------------------------------------------------------- train
 
 def build_train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train a text + tabular cross-attention classifier.")
+    p = _Parser(prog=prog, settings=Config, allow_abbrev=False,
+                description="Train a text + tabular cross-attention classifier. Every config key is also a flag "
+                            "(docs/CONFIGURATION.md); flags win over --set, which wins over --config.")
     p.add_argument("--config", help="YAML config file, or the name of a packaged config (womens_clothing)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key (repeatable); the value is parsed as YAML")
-    p.add_argument("--data", help="data file (CSV/TSV/Parquet/JSONL) replacing data.path")
-    p.add_argument("--output-dir")
-    p.add_argument("--strategy", choices=STRATEGIES)
-    p.add_argument("--fusion", choices=FUSIONS)
-    p.add_argument("--encoder", help="hub id or local folder of a BERT-family encoder")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-train-rows", type=int, metavar="N", help="use the first N rows of the train split")
-    p.add_argument("--max-eval-rows", type=int, metavar="N", help="use the first N rows of val/test")
-    p.add_argument("--batch-size", type=int, help="per rank")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--max-chunks", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in OUTPUT/checkpoints) or a checkpoint dir")
-    p.add_argument("--accept-changed-data", action="store_true",
-                   help="resume even though a data file changed since the checkpoint: its rows train under the run's "
-                        "fitted preprocessing (train.resume_data_changed: accept)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
-                   help="train one ensemble member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json "
-                        "(evaluate.py / export.py --model-dir OUTPUT score their mean probability)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
-    p.add_argument("--no-cache", action="store_true", help="read and tokenize the data on every rank, bypassing "
-                                                           "the token cache (data.cache: false)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(p, Config)
     return p
 
 
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 42,43,44; got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("expected at least one seed, e.g. 42,43,44")
-    return seeds
-
-
-def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Namespace]:
-    args = build_train_parser(prog).parse_args(argv)
+def train_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """--set pairs, then the given flags (later pairs win)."""
     overrides = []
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE")
         key, value = item.split("=", 1)
         overrides.append((key.strip(), _parse_scalar(value)))
-    for name, (key, _) in SHORTCUTS.items():
-        value = getattr(args, name)
-        if value is not None:
-            overrides.append((key, value))
-    if args.overwrite:
-        overrides.append(("train.overwrite", True))
-    if args.no_cache:
-        overrides.append(("data.cache", False))
-    if args.accept_changed_data:
-        overrides.append(("train.resume_data_changed", "accept"))
-    return load_config(args.config, overrides), args
+    return overrides + list(given(args, Config).items())
+
+
+def parse_train_args(argv, prog: str = "train.py") -> tuple[Config, argparse.Namespace]:
+    """The run's config: --config, --set and the flags; column roles inferred when none is named."""
+    from .api import load_train_config
+
+    args = build_train_parser(prog).parse_args(argv)
+    return load_train_config(args.config, train_overrides(args)), args
 
 
 def train_command(argv, prog: str = "train.py"):
@@ -120,84 +78,21 @@ def train_command(argv, prog: str = "train.py"):
 # ----------------------------------------------------------------------------- evaluate
 
 def build_eval_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Evaluate (labelled data) or predict (unlabelled data) with a trained model "
-                                       "directory, on one process or many.")
-    p.add_argument("--model-dir", nargs="+", metavar="DIR",
-                   help="a model directory written by train.py (RUN/final or RUN/best); several, or a folder "
-                        "with ensemble.json (train.py --seeds), score their mean probability as one ensemble; "
-                        "optional with --onnx (then the export folder is used)")
-    p.add_argument("--onnx", metavar="FILE", help="score with onnxruntime through an exported model (export.py "
-                                                 "output: model.onnx, model.int8.onnx or its folder) instead of PyTorch")
-    p.add_argument("--data", help="data file or folder (CSV/TSV/Parquet/JSONL); default: data.path of MODEL_DIR/config.yaml")
-    rows = p.add_mutually_exclusive_group()
-    rows.add_argument("--split", choices=SPLITS,
-                      help="score the rows of this training split, as recorded in MODEL_DIR/config.yaml "
-                           "(index file, split file, or fractions + seed)")
-    rows.add_argument("--indices", metavar="FILE", help="score these rows of --data (one 0-based row index per line), "
-                                                        "in the order listed")
-    p.add_argument("--id-column", help="column carried into the prediction files (default: the training config's id column)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass and rank (default 32)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="PyTorch scoring: autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N selected rows")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--no-cache", action="store_true", help="read and tokenize the rows on every rank instead of once "
-                                                           "per node into the token cache")
-    p.add_argument("--cache-dir", help="token cache folder (default: data.cache_dir's default, "
-                                       "~/.cache/mmbert/tokenized)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG pictures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--importance", action="store_true",
-                   help="labelled data: also permutation importance per configured column and the text-only / "
-                        "tabular-only view (importance.json, importance.png); costs 1 + columns x repeats + 2 "
-                        "scorings of the rows")
-    p.add_argument("--importance-repeats", type=int, metavar="R",
-                   help="permutations per column (default 3): the spread over them is reported")
-    p.add_argument("--importance-rows", type=int, metavar="N", help="use a seeded sample of N of the selected rows")
-    p.add_argument("--importance-seed", type=int, help="seed of the permutations and the row sample (default 0)")
-    p.add_argument("--num-threads", type=int, help="CPU threads per process (default: cores / local processes)")
-    p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout in seconds (default 1800)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the encoder/tokenizer")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .evaluation.options import EvalOptions
+
+    p = _Parser(prog=prog, settings=EvalOptions, allow_abbrev=False,
+                description="Evaluate (labelled data) or predict (unlabelled data) with a trained model directory, "
+                            "on one process or many.")
+    add_flags(p, EvalOptions, label="option")
     return p
 
 
-def parse_eval_args(argv, prog: str = "evaluate.py") -> argparse.Namespace:
+def parse_eval_args(argv, prog: str = "evaluate.py"):
+    """evaluate.py's flags as checked EvalOptions (model directories expanded)."""
+    from .evaluation.options import EvalOptions
+
     args = build_eval_parser(prog).parse_args(argv)
-    for name in ("batch_size", "max_rows", "num_threads", "timeout_s", "importance_repeats", "importance_rows"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"{prog}: --{name.replace('_', '-')} must be >= 1, got {v}")
-    check_importance_args(args, prog)
-    if args.onnx and args.precision != "auto":
-        raise ConfigError(f"{prog}: --precision applies to PyTorch scoring; an ONNX graph runs in the precision it "
-                          f"was exported in (export.py --quantize int8 for a quantized copy)")
-    if not args.model_dir and not args.onnx:
-        raise ConfigError(f"{prog}: give --model-dir (a trained model) or --onnx (an exported one)")
-    if not args.model_dir:  # the export folder holds config.yaml, preprocessing.json and tokenizer/ too
-        args.model_dir = [args.onnx if os.path.isdir(args.onnx) else os.path.dirname(os.path.abspath(args.onnx))]
-    set_model_dirs(args)
-    return args
-
-
-def set_model_dirs(args: argparse.Namespace):
-    """args.model_dirs: every member (an ensemble folder, or several --model-dir, expanded); args.model_dir:
-    the first, whose preprocessing.json and config.yaml (shared by the members) select and read the rows."""
-    from .ensemble import resolve_model_dirs
-
-    args.model_dirs = [args.model_dir[0]] if args.onnx else resolve_model_dirs(args.model_dir)
-    args.model_dir = args.model_dirs[0]
-
-
-def check_importance_args(args: argparse.Namespace, prog: str):
-    """--importance-* only with --importance (never silently ignored); then their defaults."""
-    given = [n for n in ("importance_repeats", "importance_rows", "importance_seed") if getattr(args, n) is not None]
-    if given and not args.importance:
-        raise ConfigError(f"{prog}: --{given[0].replace('_', '-')} needs --importance")
-    if args.importance_repeats is None:
-        args.importance_repeats = IMPORTANCE_REPEATS
-    if args.importance_seed is None:
-        args.importance_seed = IMPORTANCE_SEED
+    return EvalOptions(**given(args, EvalOptions)).resolved(prog)
 
 
 def evaluate_command(argv, prog: str = "evaluate.py"):
@@ -215,9 +110,9 @@ def build_export_parser(prog: str = "export.py") -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, nargs="+", metavar="DIR",
                    help="consolidated model directory, e.g. runs/NAME/final; several, or a folder with "
                         "ensemble.json (train.py --seeds), export one graph averaging their probabilities")
-    p.add_argument("--output", required=True, help="the .onnx file to write (or a folder: FOLDER/model.onnx); "
-                   "preprocessing.json, model_spec.json and tokenizer/ are written beside it. The folder must be "
-                   "new, empty or an earlier export (which is replaced)")
+    p.add_argument("--output-dir", required=True, help="the export folder (FOLDER/model.onnx; a path ending in .onnx "
+                   "names the file): preprocessing.json, model_spec.json and tokenizer/ are written beside it. The "
+                   "folder must be new, empty or an earlier export (which is replaced)")
     p.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 copy (NAME.int8.onnx) for CPU")
     p.add_argument("--int8-tolerance", type=float, default=INT8_TOLERANCE, metavar="DP",
                    help=f"refuse the int8 copy when its probabilities differ from fp32 by more than this on the "
@@ -233,31 +128,15 @@ def build_export_parser(prog: str = "export.py") -> argparse.ArgumentParser:
     return p
 
 
-def export_options(options: dict) -> dict:
-    """export_onnx's keyword arguments from the flags' Python names (tolerance -> atol), checked."""
-    known = {"quantize", "opset", "exporter", "data", "rows", "tolerance", "int8_tolerance", "debug"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"export: unknown option '{unknown[0]}' (options: {', '.join(sorted(known))})")
-    if options.get("int8_tolerance") is not None and not options["int8_tolerance"] >= 0:
-        raise ConfigError(f"export: --int8-tolerance must be >= 0, got {options['int8_tolerance']:g}")
-    out = {k: v for k, v in options.items() if v is not None}
-    if "tolerance" in out:
-        out["atol"] = out.pop("tolerance")
-    return out
-
-
 def export_command(argv, prog: str = "export.py"):
     import json
     import logging
 
-    from .export.onnx import export_onnx
+    from .api import EXPORT_OPTIONS, export_onnx
 
     args = build_export_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    report = export_onnx(args.model_dir, args.output, **export_options(
-        {k: getattr(args, k) for k in ("quantize", "opset", "exporter", "data", "rows", "tolerance",
-                                       "int8_tolerance", "debug")}))
+    report = export_onnx(args.model_dir, args.output_dir, **{k: getattr(args, k) for k in EXPORT_OPTIONS})
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
@@ -313,6 +192,36 @@ def predict_command(argv, prog: str = "mmbert predict"):
     print(f"wrote {len(df)} predictions of {' '.join(args.model)} ({model.backend}) to {args.output}")
 
 
+# ----------------------------------------------------------------------------- docs/CONFIGURATION.md
+
+def configuration_reference() -> str:
+    """docs/CONFIGURATION.md: every config key and evaluate option, from their fields."""
+    from .evaluation.options import EvalOptions
+    from .settings import HF_NAMES, hints, reference_table
+
+    parts = [
+        "# Configuration reference",
+        "",
+        "Generated from the settings' declarations (mmbert/config.py, mmbert/evaluation/options.py) by "
+        "`python -m mmbert.cli --reference > docs/CONFIGURATION.md`; a test keeps it equal to them.",
+        "",
+        "Every config key is a YAML key (`section: {key: value}`), a `train` flag, an `mmbert.train(...)` keyword "
+        "(the flag's name with underscores, e.g. `max_eval_rows=`, `label=`) and a `--set SECTION.KEY=VALUE`. "
+        "Lists are comma-separated on the command line (`--text-columns Title,Review`); `null` clears an optional "
+        "value. A bool that defaults to true is switched off with `--no-NAME` (keyword `NAME=False`). The train "
+        "command also takes `--config FILE|NAME`, `--set SECTION.KEY=VALUE` (repeatable; flags win over it, it wins "
+        "over the file) and `--debug`. An unknown key, flag or keyword names the closest valid one.",
+        "",
+    ]
+    parts += [reference_table(hints(Config)[section], section, f"{section}.") for section in hints(Config)]
+    parts += ["## Hugging Face Trainer names", "", "What a `transformers.TrainingArguments` user may type, and the "
+              "mmbert key the error message points to:", "", "| Trainer name | mmbert key |", "|---|---|"]
+    parts += [f"| `{name}` | `{key}` |" for name, key in HF_NAMES.items()] + [""]
+    parts += ["", reference_table(EvalOptions, "evaluate (`mmbert evaluate`, evaluate.py, mmbert.evaluate)",
+                                  key_label="option")]
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------- mmbert COMMAND
 
 COMMANDS = {"train": train_command, "evaluate": evaluate_command, "export": export_command, "predict": predict_command}
@@ -341,3 +250,9 @@ def main(argv: Optional[list[str]] = None):
         sys.exit(2)
     command = argv[0]
     run_main(lambda rest: COMMANDS[command](rest, f"mmbert {command}"))(argv[1:])
+
+
+if __name__ == "__main__":  # python -m mmbert.cli --reference > docs/CONFIGURATION.md
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python -m mmbert.cli --reference")
+    sys.stdout.write(configuration_reference())

@@ -1,19 +1,24 @@
-"""Typed run configuration: YAML file + CLI overrides, validated with one clear message per error."""
+"""Typed run configuration. Each key is declared once, as a field with its type, default, help and checks
+(mmbert/settings.py setting()); the train flags, mmbert.train's keywords and docs/CONFIGURATION.md come from the
+fields. A YAML file + --set overrides + flags, validated section by section with one clear message per error;
+validation never changes the config."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import yaml
 
 from .errors import ConfigError
+from .models.registry import fusion_names
+from .settings import build, check_fields, leaves, register_root, setting, suggestion
 from .task import validate_task
 
-FUSIONS = ("cross_attn", "cross_attn_tokens", "concat", "gated", "text_only", "tab_only")
+FUSIONS = fusion_names()  # the built-in ones; model.fusion is checked against the registry as it is then
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 POOLINGS = ("pooler", "cls", "mean")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -21,241 +26,253 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 @dataclass
 class SplitConfig:
-    # One of: index files (one 0-based row index per line) ...
-    train_indices: Optional[str] = None
-    val_indices: Optional[str] = None
-    test_indices: Optional[str] = None
-    # ... separate files ...
-    train_file: Optional[str] = None
-    val_file: Optional[str] = None
-    test_file: Optional[str] = None
-    # ... or fractions of one file, shuffled with a seed (train, val, test).
-    fractions: Optional[list[float]] = None
-    seed: int = 0
+    """One of: index files (one 0-based row index per line), separate files, or fractions of one file."""
+    train_indices: Optional[str] = setting(None, "train rows of data.path: a file of 0-based row indices")
+    val_indices: Optional[str] = setting(None, "validation rows of data.path (index file)")
+    test_indices: Optional[str] = setting(None, "test rows of data.path (index file)")
+    train_file: Optional[str] = setting(None, "a separate train file (instead of data.path's rows)")
+    val_file: Optional[str] = setting(None, "a separate validation file")
+    test_file: Optional[str] = setting(None, "a separate test file")
+    fractions: Optional[list[float]] = setting(
+        None, "fractions of data.path (train, val[, test]), shuffled with data.split.seed")
+    seed: int = setting(0, "seed of the fractions' shuffle", flag="split_seed")
+
+    def validate(self) -> None:
+        check_fields(self, "data.split.")
+        if self.fractions is not None:
+            f = self.fractions
+            if len(f) not in (2, 3) or any(v < 0 for v in f) or abs(sum(f) - 1) > 1e-6:
+                raise ConfigError(f"config key 'data.split.fractions' must be 2 or 3 non-negative numbers summing "
+                                  f"to 1, got {f}")
+            if self.train_indices or self.train_file:
+                raise ConfigError("data.split: give fractions or index files or separate files, not several")
+        if self.train_indices and self.train_file:
+            raise ConfigError("data.split: give train_indices or train_file, not both")
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None
-    text_columns: list[str] = field(default_factory=list)
-    text_separator: str = ". "
-    numeric_columns: list[str] = field(default_factory=list)
-    categorical_columns: list[str] = field(default_factory=list)
-    label_column: Optional[str] = None
-    # auto: classification, unless label_type is float (mmbert/task.py)
-    task: Literal["auto", "classification", "regression"] = "auto"
-    # auto: one-hot when the column holds lists, else the sorted distinct values of the train split; float: a
-    # regression target (standardised with the train split's mean and std).
-    label_type: Literal["auto", "int", "string", "onehot", "float"] = "auto"
-    # The label map, pinned and in order (binary: the second is the positive class). Without it the map is
-    # every distinct train label; with it a train label outside the list stops training, naming the row.
-    labels: Optional[list[int | str]] = None
-    id_column: Optional[str] = None
-    # Tabular columns also written into the text as "Name: value." (they stay tabular features too).
-    serialize_columns: list[str] = field(default_factory=list)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    max_tokens: int = 128
-    max_chunks: int = 4
-    # Pad every training batch to max_chunks x max_tokens (what fixed-length pipelines do); only for
-    # benchmarks: dynamic padding computes the same result on fewer tokens.
-    pad_to_max: bool = False
-    max_train_rows: Optional[int] = None
-    max_eval_rows: Optional[int] = None
-    # The tokenized train/val splits and fitted preprocessing are stored once (per node) under cache_dir and
-    # memory-mapped by every rank (mmbert/data/cache.py); false reads and tokenizes the table on every rank.
-    cache: bool = True
-    cache_dir: Optional[str] = None  # default: ~/.cache/mmbert/tokenized
+    path: Optional[str] = setting(None, "data file or folder (CSV/TSV/Parquet/JSONL), or hub:NAME; made absolute "
+                                        "when the config is loaded", flag="data")
+    text_columns: list[str] = setting([], "text columns, joined with text_separator (none named: inferred)")
+    text_separator: str = setting(". ", "what joins the text columns")
+    numeric_columns: list[str] = setting([], "numeric columns (none named: inferred)")
+    categorical_columns: list[str] = setting([], "categorical columns (none named: inferred)")
+    ignore_columns: list[str] = setting([], "columns that column inference leaves out")
+    label_column: Optional[str] = setting(None, "the column to predict (required)", flag="label")
+    task: Literal["auto", "classification", "regression"] = setting(
+        "auto", "auto: classification, unless label_type is float")
+    label_type: Literal["auto", "int", "string", "onehot", "float"] = setting(
+        "auto", "auto: one-hot when the column holds lists, else the sorted distinct values of the train split; "
+                "float: a regression target (standardised with the train split's mean and std)")
+    labels: Optional[list[int | str]] = setting(
+        None, "the label map, pinned and in order (binary: the second is the positive class); a train label "
+              "outside it stops training, naming the row")
+    id_column: Optional[str] = setting(None, "column carried into the prediction files")
+    serialize_columns: list[str] = setting(
+        [], "tabular columns also written into the text as 'Name: value.' (they stay tabular features too)")
+    split: SplitConfig = setting(SplitConfig)
+    max_tokens: int = setting(128, "tokens per chunk", min=8, note="room for [CLS], [SEP] and text")
+    max_chunks: int = setting(2, "chunks of max_tokens per row (longer text is cut)", min=1)
+    pad_to_max: bool = setting(False, "pad every training batch to max_chunks x max_tokens (benchmarks only)")
+    max_train_rows: Optional[int] = setting(None, "use the first N rows of the train split", min=1)
+    max_eval_rows: Optional[int] = setting(None, "use the first N rows of val/test", min=1)
+    cache: bool = setting(True, "store the tokenized splits once per node under cache_dir, memory-mapped by every "
+                                "rank (false: read and tokenize on every rank)")
+    cache_dir: Optional[str] = setting(None, "token cache folder (default ~/.cache/mmbert/tokenized)")
+    num_proc: Optional[int] = setting(None, "processes that tokenize when the token cache is built (default: the "
+                                            "node's cores / local processes)", min=1)
+
+    def validate(self, roles: bool = True) -> None:
+        """Each key's checks; roles: also the column-role rules (false before column inference has run)."""
+        check_fields(self, "data.")
+        self.split.validate()
+        if self.labels is not None:
+            if len(self.labels) < 2 or len({str(v) for v in self.labels}) != len(self.labels):
+                raise ConfigError(f"config key 'data.labels' must list at least 2 distinct classes, got {self.labels}")
+            if self.label_type == "onehot":
+                raise ConfigError("config key 'data.labels' does not apply to one-hot labels (data.label_type: onehot)")
+        if roles:
+            self.validate_roles()
+
+    def validate_roles(self) -> None:
+        if not self.label_column:
+            raise ConfigError("config key 'data.label_column' is required for training")
+        roles = [*self.text_columns, *self.numeric_columns, *self.categorical_columns]
+        dup = sorted({c for c in roles if roles.count(c) > 1})
+        if dup:
+            raise ConfigError(f"column '{dup[0]}' is given more than one role in "
+                              f"data.text_columns/numeric_columns/categorical_columns")
+        if self.label_column in roles:
+            raise ConfigError(f"data.label_column '{self.label_column}' is also used as a feature column")
+        for c in self.serialize_columns:
+            if c not in self.numeric_columns and c not in self.categorical_columns:
+                raise ConfigError(f"data.serialize_columns: '{c}' is not a numeric or categorical column")
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
-    pooling: Literal[POOLINGS] = "pooler"  # type: ignore[valid-type]
-    hidden_dim: int = 384
-    fusion: Literal[FUSIONS] = "cross_attn"  # type: ignore[valid-type]
-    num_heads: int = 4
-    dropout: float = 0.1
-    # The encoder's attention-probability dropout; null keeps the pretrained config's (0.1 for MiniLM).
-    # With 0, PyTorch's SDPA runs its fused (flash) kernel when training on CPU; with > 0 it falls back to
-    # the unfused math kernel (~13% slower steps at 128 tokens; docs/PERFORMANCE.md).
-    attention_dropout: Optional[float] = None
-    # Keep the encoder's input word embeddings (half of all-MiniLM-L6-v2's 22.7M parameters) fixed: no
-    # gradient, all-reduce or AdamW update for them (+9% samples/s on 2 DDP CPU ranks; docs/PERFORMANCE.md).
-    freeze_word_embeddings: bool = False
-    cat_embedding_dim: int = 16
-    trust_remote_code: bool = False
+    encoder: str = setting("sentence-transformers/all-MiniLM-L6-v2", "hub id or local folder of a BERT-family "
+                                                                     "encoder")
+    pooling: Literal[POOLINGS] = setting(  # type: ignore[valid-type]
+        "mean", "text vector of a chunk: masked mean of token states, [CLS], or the encoder's pooler")
+    hidden_dim: int = setting(384, "fusion width", min=1)
+    fusion: str = setting("cross_attn", "how text and tabular features meet (mmbert/models/registry.py)",
+                          choices=fusion_names)
+    num_heads: int = setting(4, "attention heads of the fusion (must divide hidden_dim)", min=1)
+    dropout: float = setting(0.1, "dropout of the fusion and head", min=0, below=1)
+    attention_dropout: Optional[float] = setting(
+        None, "the encoder's attention-probability dropout; null keeps the pretrained config's (0.1 for MiniLM). "
+              "With 0, SDPA runs its fused kernel when training on CPU (> 0: ~13% slower steps at 128 tokens; "
+              "docs/PERFORMANCE.md)", min=0, below=1)
+    freeze_word_embeddings: bool = setting(
+        False, "keep the encoder's input word embeddings fixed: no gradient, all-reduce or AdamW update for them "
+               "(+9% samples/s on 2 DDP CPU ranks; docs/PERFORMANCE.md)")
+    cat_embedding_dim: int = setting(16, "embedding width of each categorical column", min=1)
+    trust_remote_code: bool = setting(False, "allow custom code of the encoder/tokenizer")
+
+    def validate(self) -> None:
+        check_fields(self, "model.")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(f"config key 'model.num_heads' ({self.num_heads}) must divide model.hidden_dim "
+                              f"({self.hidden_dim})")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    batch_size: int = 16  # per rank
-    grad_accum: int = 1
-    lr: float = 5e-5
-    head_lr: Optional[float] = None  # fusion/head/tabular learning rate; defaults to lr
-    weight_decay: float = 0.01
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.06
-    warmup_steps: Optional[int] = None
-    max_grad_norm: Optional[float] = 1.0
-    class_weights: Optional[list[float]] = None
-    # auto: cross_entropy for classification, mse for regression (on the standardised target)
-    loss: Literal["auto", "cross_entropy", "mse", "huber"] = "auto"
-    huber_delta: float = 1.0  # in standard deviations of the train target
-    eval_every: Optional[int] = None  # steps; evaluation also runs at the end of each epoch
-    eval_each_epoch: bool = True
-    # null: roc_auc (classification) / rmse (regression); metric_mode: the metric's direction (mmbert/metrics.py TABLE),
-    # which an explicit value may only repeat
-    metric: Optional[str] = None
-    metric_mode: Optional[Literal["max", "min"]] = None
-    early_stopping_patience: Optional[int] = None  # evaluations without improvement
-    select_best: bool = True  # final/ holds the best evaluated weights
-    log_every: int = 10
-    checkpoint_every: Optional[int] = None
-    keep_checkpoints: int = 2
-    resume: Optional[str] = None  # "auto" or a checkpoint directory
-    # resume on data files whose bytes changed since the checkpoint: refuse, or accept (their rows train under the
-    # run's fitted preprocessing; --accept-changed-data)
-    resume_data_changed: Literal["refuse", "accept"] = "refuse"
-    overwrite: bool = False
-    seed: int = 42
-    # Train one member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json (mmbert/ensemble.py): evaluate,
-    # export and mmbert.load take OUTPUT as one model averaging the members' probabilities.
-    seeds: Optional[list[int]] = None
-    bucket_by_length: bool = True
-    bucket_block: int = 64
-    num_threads: Optional[int] = None
-    # Processes that collate the next steps' batches while this one trains (torch DataLoader workers, fed by
-    # the global resumable order). None: 2 on GPU, 0 on CPU (where the ranks' threads already use the cores).
-    num_workers: Optional[int] = None
-    eval_batch_size: Optional[int] = None
-    progress_bar: bool = True
-    deterministic: bool = False
-    # torch.compile of each encoder layer (dynamic shapes), on every strategy; the first steps pay the compile
-    compile: bool = False
-    # Experiment trackers that also get every metrics.jsonl record, on rank 0 (mmbert/training/tracking.py):
-    # tensorboard (event files in OUTPUT_DIR/tensorboard), wandb, mlflow (optional installs), or none.
-    report_to: list[str] = field(default_factory=list)
+    output_dir: str = setting("runs/default", "the run's folder (checkpoints, final/, best/, metrics.jsonl)")
+    epochs: int = setting(1, "passes over the train split", min=1)
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps", min=1)
+    batch_size: int = setting(16, "rows per step and rank", min=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
+    lr: float = setting(5e-5, "encoder learning rate", above=0)
+    head_lr: Optional[float] = setting(1e-3, "fusion/head/tabular learning rate (null: lr)", above=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", min=0)
+    schedule: Literal["linear", "cosine", "constant"] = setting("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = setting(0.06, "warmup steps as a fraction of all steps", min=0, below=1)
+    warmup_steps: Optional[int] = setting(None, "warmup steps (instead of warmup_ratio)", min=0)
+    max_grad_norm: Optional[float] = setting(1.0, "gradient clipping norm (null: no clipping)", above=0)
+    class_weights: Optional[list[float]] = setting(None, "cross-entropy weight of each class, in class order")
+    loss: Literal["auto", "cross_entropy", "mse", "huber"] = setting(
+        "auto", "auto: cross_entropy for classification, mse for regression (on the standardised target)")
+    huber_delta: float = setting(1.0, "huber loss threshold, in standard deviations of the train target", above=0)
+    eval_every: Optional[int] = setting(None, "evaluate every N steps (also at the end of each epoch)", min=1)
+    eval_each_epoch: bool = setting(True, "evaluate at the end of each epoch")
+    metric: Optional[str] = setting(None, "validation metric that selects best/ and stops early (null: roc_auc "
+                                          "for classification, rmse for regression)")
+    metric_mode: Optional[Literal["max", "min"]] = setting(
+        None, "the metric's direction (mmbert/metrics.py TABLE), which an explicit value may only repeat")
+    early_stopping_patience: Optional[int] = setting(None, "stop after N evaluations without improvement", min=1)
+    select_best: bool = setting(True, "final/ holds the best evaluated weights")
+    log_every: int = setting(10, "steps between log lines / metrics records", min=1)
+    checkpoint_every: Optional[int] = setting(None, "steps between checkpoints", min=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept", min=1)
+    resume: Optional[str] = setting(None, "'auto' (newest complete checkpoint in OUTPUT/checkpoints) or a "
+                                          "checkpoint directory")
+    resume_data_changed: Literal["refuse", "accept"] = setting(
+        "refuse", "resume on data files whose bytes changed since the checkpoint: refuse, or accept (their rows "
+                  "train under the run's fitted preprocessing)", flag="accept_changed_data", const="accept")
+    overwrite: bool = setting(False, "replace a finished run in output_dir")
+    seed: int = setting(42, "seed of initialisation, data order and dropout")
+    seeds: Optional[list[int]] = setting(
+        None, "train one ensemble member per seed into OUTPUT/seed_S and write OUTPUT/ensemble.json", metavar="S1,S2")
+    bucket_by_length: bool = setting(True, "batch rows of similar length together")
+    bucket_block: int = setting(64, "batches per length-sorted block", min=1)
+    num_threads: Optional[int] = setting(None, "CPU threads per process (default: cores / local processes)", min=1)
+    num_workers: Optional[int] = setting(
+        None, "DataLoader processes collating the next batches (default: 2 on GPU, 0 on CPU)", min=0)
+    eval_batch_size: Optional[int] = setting(None, "rows per evaluation step and rank (default: batch_size)", min=1)
+    progress: bool = setting(True, "progress bar on rank 0")
+    max_time: Optional[str] = setting(None, "stop cleanly (with a checkpoint) after this long, e.g. 23h30m, 90m, "
+                                            "3600s")
+    deterministic: bool = setting(False, "torch deterministic algorithms")
+    compile: bool = setting(False, "torch.compile each encoder layer (the first steps pay the compile)")
+    report_to: list[str] = setting([], "experiment trackers that also get every metrics record: tensorboard, "
+                                       "wandb, mlflow or none", choices=REPORT_TO)
+
+    def validate(self) -> None:
+        check_fields(self, "train.")
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(f"config key 'train.report_to': 'none' cannot be combined with trackers, "
+                              f"got {self.report_to}")
+        validate_seeds(self)
+        if self.resume not in (None, "auto") and not os.path.isdir(self.resume):
+            raise ConfigError(f"config key 'train.resume': '{self.resume}' is neither 'auto' nor a checkpoint "
+                              f"directory")
+        if self.max_time is not None:
+            parse_duration(self.max_time, "train.max_time")
 
 
 @dataclass
 class DistConfig:
-    # auto (null too): what `accelerate launch` names, else fsdp on several processes and none on one
-    # (mmbert/distributed/parallel.py resolve_strategy); none on several processes is refused.
-    strategy: Optional[Literal[STRATEGIES]] = "auto"  # type: ignore[valid-type]
-    wrap_policy: Optional[Literal["class", "size", "class+size", "none"]] = None
-    wrap_classes: Optional[list[str]] = None  # default: the encoder's _no_split_modules
-    min_params: Optional[int] = None
-    sharding: Optional[Literal["auto", "full", "shard_grad_op", "hybrid"]] = None  # None: accelerate env or auto
-    # auto (None too, unless accelerate names one): bf16 on CUDA, fp32 on CPU; every strategy (mmbert/distributed/
-    # precision.py): autocast under none / ddp, FSDP2's MixedPrecisionPolicy under fsdp; fp16 scales the loss
-    mixed_precision: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = None
-    # recompute each encoder layer in backward (every strategy; the units FSDP wraps): less memory, same losses
-    activation_checkpointing: Optional[bool] = None
-    cpu_offload: Optional[bool] = None
-    # FSDP's all-gather / reduce-scatter on gloo: point-to-point exchanges (None: p2p) or gloo's own
-    collectives: Optional[Literal["p2p", "native"]] = None
-    # fp32 matmuls on CUDA in TF32 (tensor cores); false: full fp32
-    tf32: bool = True
-    timeout_s: int = 600
+    strategy: Optional[Literal[STRATEGIES]] = setting(  # type: ignore[valid-type]
+        "auto", "auto: what `accelerate launch` names, else fsdp on several processes and none on one")
+    wrap_policy: Optional[Literal["class", "size", "class+size", "none"]] = setting(None, "FSDP wrapping policy")
+    wrap_classes: Optional[list[str]] = setting(None, "FSDP-wrapped classes (default: the encoder's "
+                                                      "_no_split_modules)")
+    min_params: Optional[int] = setting(None, "size policy: parameters per wrapped unit", min=1)
+    sharding: Optional[Literal["auto", "full", "shard_grad_op", "hybrid"]] = setting(
+        None, "FSDP sharding (default: accelerate's environment, or auto)")
+    mixed_precision: Optional[Literal["auto", "fp32", "bf16", "fp16"]] = setting(
+        None, "auto: bf16 on CUDA, fp32 on CPU (unless accelerate names one); fp16 scales the loss")
+    activation_checkpointing: Optional[bool] = setting(
+        None, "recompute each encoder layer in backward: less memory, same losses")
+    cpu_offload: Optional[bool] = setting(None, "FSDP: keep parameters on the CPU")
+    collectives: Optional[Literal["p2p", "native"]] = setting(
+        None, "FSDP on gloo: point-to-point exchanges (default) or gloo's own collectives")
+    tf32: bool = setting(True, "fp32 matmuls on CUDA in TF32 (tensor cores)")
+    timeout_s: int = setting(600, "collective timeout in seconds", min=1)
+
+    def validate(self) -> None:
+        check_fields(self, "dist.")
 
 
+@register_root
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    data: DataConfig = setting(DataConfig)
+    model: ModelConfig = setting(ModelConfig)
+    train: TrainConfig = setting(TrainConfig)
+    dist: DistConfig = setting(DistConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self, roles: bool = True) -> None:
+        """Every section's checks, then the rules across sections; never changes the config. roles=False
+        leaves out the column-role rules (before column inference has filled the roles in)."""
+        self.data.validate(roles)
+        self.model.validate()
+        self.train.validate()
+        self.dist.validate()
+        validate_task(self)
+        if roles:
+            self._validate_fusion_roles()
 
-# --------------------------------------------------------------------------- typed coercion
+    def _validate_fusion_roles(self) -> None:
+        from .models.registry import fusion_spec
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[-1]
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+        d, fusion = self.data, self.model.fusion
+        if fusion_spec(fusion).text and not d.text_columns:
+            raise ConfigError(f"config key 'data.text_columns' is empty but model.fusion is '{fusion}' (use tab_only)")
+        if not fusion_spec(fusion).text and not (d.numeric_columns or d.categorical_columns):
+            raise ConfigError(f"model.fusion is '{fusion}' but data.numeric_columns and data.categorical_columns "
+                              f"are empty")
 
 
-def _build(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known keys in '{prefix.rstrip('.') or 'top level'}': "
-            f"{', '.join(sorted(names))})"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
-    return cls(**kwargs)
+def parse_duration(text, key: str = "train.max_time") -> float:
+    """Seconds of a duration: "23h30m", "90m", "3600s", "2h", "1d", or a plain number of seconds."""
+    s = str(text).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", s)
+    if re.fullmatch(r"\d+(?:\.\d+)?", s):
+        seconds = float(s)
+    elif parts and "".join(n + u for n, u in parts) == s:
+        seconds = sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    else:
+        raise ConfigError(f"config key '{key}': {text!r} is not a duration (e.g. 23h30m, 90m, 3600s, 2h)")
+    if not seconds > 0:
+        raise ConfigError(f"config key '{key}' must be a duration > 0, got {text!r}")
+    return seconds
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -290,8 +307,9 @@ def _set_path(raw: dict, dotted: str, value):
 # Configs shipped inside the package (with the data they train on): usable by name from an installed mmbert,
 # e.g. `mmbert train --config womens_clothing`.
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
-# data.* keys that say where the token cache is, not what it holds: outside its key, free to change on resume
-DATA_CACHE_KEYS = ("cache", "cache_dir")
+# data.* keys that say where and how the token cache is built, not what it holds: outside its key, free to
+# change on resume
+DATA_CACHE_KEYS = ("cache", "cache_dir", "num_proc")
 SPLIT_PATH_KEYS = ("train_indices", "val_indices", "test_indices", "train_file", "val_file", "test_file")
 
 
@@ -324,110 +342,75 @@ def _anchor_packaged_paths(raw: dict, path: str):
         section[key] = os.path.join(os.path.dirname(os.path.realpath(path)), section[key])
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None,
-                base: Optional[dict] = None) -> Config:
-    """The config of a YAML file (or `base`, a mapping of sections) with dotted-key overrides applied."""
-    import copy
+def _absolute_paths(raw: dict):
+    """data.path and the split files resolve against the current directory now, so the saved config names the
+    same files from anywhere (a hub: name or a URL stays as is)."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    split = data.get("split") if isinstance(data.get("split"), dict) else {}
+    for section, key in [(data, "path"), *((split, k) for k in SPLIT_PATH_KEYS)]:
+        v = section.get(key)
+        if isinstance(v, str) and v and not v.startswith("hub:") and "://" not in v:
+            section[key] = os.path.abspath(os.path.expanduser(v))
 
-    raw: dict = copy.deepcopy(base) if base else {}
-    if path:
-        path = resolve_config_path(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, dist)")
-        _anchor_packaged_paths(raw, path)
+
+def _read_yaml(path: str) -> dict:
+    path = resolve_config_path(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, dist)")
+    _anchor_packaged_paths(raw, path)
+    return raw
+
+
+def read_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None,
+                base: Optional[dict] = None) -> tuple[Config, set[str]]:
+    """The config of a YAML file (or `base`, a mapping of sections) with dotted-key overrides applied, every key
+    checked but not yet the column-role rules; and the dotted keys given explicitly (file, base or overrides)."""
+    raw: dict = _read_yaml(path) if path else copy.deepcopy(base) if base else {}
     for key, value in overrides or []:
         if "." not in key:
-            raise ConfigError(f"--set {key}: use section.key=value (sections: data, model, train, dist)")
+            hint = suggestion(key, [lf.key for lf in leaves(Config)])
+            raise ConfigError(f"--set {key}: use section.key=value (sections: data, model, train, dist){hint}")
         _set_path(raw, key, value)
-    cfg = _build(Config, raw)
-    validate(cfg)
+    _absolute_paths(raw)
+    cfg = build(Config, raw)
+    cfg.validate(roles=False)
+    return cfg, set(flatten(raw))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, Any]]] = None,
+                base: Optional[dict] = None) -> Config:
+    """The config of a YAML file (or `base`, a mapping of sections) with dotted-key overrides applied, validated."""
+    cfg, _ = read_config(path, overrides, base)
+    cfg.validate()
     return cfg
+
+
+# keys that configs written by earlier versions use -> their names now (saved model directories stay readable)
+RENAMED_KEYS = {("train", "progress_bar"): ("train", "progress")}
 
 
 def config_from_dict(raw: dict, check: bool = True) -> Config:
     """A Config from a mapping of sections; `check=False` types every key but skips cross-key validation."""
-    cfg = _build(Config, raw)
+    raw = copy.deepcopy(raw)
+    for (section, old), (_, new) in RENAMED_KEYS.items():
+        if isinstance(raw.get(section), dict) and old in raw[section]:
+            raw[section].setdefault(new, raw[section].pop(old))
+    cfg = build(Config, raw)
     if check:
-        validate(cfg)
+        cfg.validate()
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    d, m, t = cfg.data, cfg.model, cfg.train
-    positive = {
-        "data.max_tokens": d.max_tokens, "data.max_chunks": d.max_chunks, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "train.epochs": t.epochs, "train.log_every": t.log_every,
-        "model.hidden_dim": m.hidden_dim, "model.num_heads": m.num_heads, "train.keep_checkpoints": t.keep_checkpoints,
-        "train.bucket_block": t.bucket_block, "dist.timeout_s": cfg.dist.timeout_s,
-    }
-    for key, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {v}")
-    for key, v in {"train.max_steps": t.max_steps, "train.checkpoint_every": t.checkpoint_every,
-                   "train.eval_every": t.eval_every, "data.max_train_rows": d.max_train_rows,
-                   "data.max_eval_rows": d.max_eval_rows, "train.num_threads": t.num_threads,
-                   "train.eval_batch_size": t.eval_batch_size,
-                   "train.early_stopping_patience": t.early_stopping_patience}.items():
-        if v is not None and v < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1 when set, got {v}")
-    if t.num_workers is not None and t.num_workers < 0:
-        raise ConfigError(f"config key 'train.num_workers' must be >= 0 when set, got {t.num_workers}")
-    if d.max_tokens < 8:
-        raise ConfigError(f"config key 'data.max_tokens' must be >= 8 (room for [CLS], [SEP] and text), got {d.max_tokens}")
-    if m.hidden_dim % m.num_heads:
-        raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide model.hidden_dim ({m.hidden_dim})")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    if m.attention_dropout is not None and not 0 <= m.attention_dropout < 1:
-        raise ConfigError(f"config key 'model.attention_dropout' must be in [0, 1), got {m.attention_dropout}")
-    if t.lr <= 0:
-        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-    if not d.label_column:
-        raise ConfigError("config key 'data.label_column' is required for training")
-    validate_task(cfg)
-    if d.labels is not None:
-        if len(d.labels) < 2 or len({str(v) for v in d.labels}) != len(d.labels):
-            raise ConfigError(f"config key 'data.labels' must list at least 2 distinct classes, got {d.labels}")
-        if d.label_type == "onehot":
-            raise ConfigError("config key 'data.labels' does not apply to one-hot labels (data.label_type: onehot)")
-    if m.fusion != "tab_only" and not d.text_columns:
-        raise ConfigError(f"config key 'data.text_columns' is empty but model.fusion is '{m.fusion}' (use tab_only)")
-    if m.fusion == "tab_only" and not (d.numeric_columns or d.categorical_columns):
-        raise ConfigError("model.fusion is 'tab_only' but data.numeric_columns and data.categorical_columns are empty")
-    roles = [*d.text_columns, *d.numeric_columns, *d.categorical_columns]
-    dup = sorted({c for c in roles if roles.count(c) > 1})
-    if dup:
-        raise ConfigError(f"column '{dup[0]}' is given more than one role in data.text_columns/numeric_columns/categorical_columns")
-    if d.label_column in roles:
-        raise ConfigError(f"data.label_column '{d.label_column}' is also used as a feature column")
-    for c in d.serialize_columns:
-        if c not in d.numeric_columns and c not in d.categorical_columns:
-            raise ConfigError(f"data.serialize_columns: '{c}' is not a numeric or categorical column")
-    s = d.split
-    if s.fractions is not None:
-        if len(s.fractions) not in (2, 3) or any(f < 0 for f in s.fractions) or abs(sum(s.fractions) - 1) > 1e-6:
-            raise ConfigError(f"config key 'data.split.fractions' must be 2 or 3 non-negative numbers summing to 1, got {s.fractions}")
-        if s.train_indices or s.train_file:
-            raise ConfigError("data.split: give fractions or index files or separate files, not several")
-    if s.train_indices and s.train_file:
-        raise ConfigError("data.split: give train_indices or train_file, not both")
-    bad = [v for v in t.report_to if v not in REPORT_TO]
-    if bad:
-        raise ConfigError(f"config key 'train.report_to': {bad[0]!r} is not one of {', '.join(REPORT_TO)}")
-    if "none" in t.report_to and len(set(t.report_to)) > 1:
-        raise ConfigError(f"config key 'train.report_to': 'none' cannot be combined with trackers, got {t.report_to}")
-    validate_seeds(t)
-    if t.resume not in (None, "auto") and not os.path.isdir(t.resume):
-        raise ConfigError(f"config key 'train.resume': '{t.resume}' is neither 'auto' nor a checkpoint directory")
+    """Config.validate(): every section's checks and the rules across them."""
+    cfg.validate()
 
 
 def validate_seeds(t: TrainConfig) -> None:

@@ -19,7 +19,7 @@ def task_of(data_cfg) -> str:
 
 
 def validate_task(cfg) -> None:
-    """The task's cross-key rules; fills in train.metric / train.metric_mode when they were left out."""
+    """The task's cross-key rules (never changes the config: metric_of / metric_mode_of resolve the defaults)."""
     d, t = cfg.data, cfg.train
     task = task_of(d)
     if task == CLASSIFICATION and d.label_type == "float":
@@ -36,8 +36,6 @@ def validate_task(cfg) -> None:
     if t.loss != "auto" and t.loss not in LOSSES[task]:
         raise ConfigError(f"config key 'train.loss': '{t.loss}' is not a {task} loss (valid: auto, "
                           f"{', '.join(LOSSES[task])})")
-    if not t.huber_delta > 0:
-        raise ConfigError(f"config key 'train.huber_delta' must be > 0, got {t.huber_delta}")
     if t.metric is not None and t.metric not in metric_names(task):
         raise ConfigError(f"config key 'train.metric': '{t.metric}' is not a {task} metric (valid: "
                           f"{', '.join(metric_names(task))})")
@@ -46,7 +44,6 @@ def validate_task(cfg) -> None:
         raise ConfigError(f"config key 'train.metric_mode': '{t.metric_mode}' would keep the worst checkpoint: "
                           f"{metric_of(cfg)} is better when {'higher' if natural == 'max' else 'lower'} "
                           f"(leave metric_mode out, or set it to '{natural}')")
-    t.metric, t.metric_mode = metric_of(cfg), metric_mode_of(cfg)
 
 
 def loss_of(cfg) -> str:
@@ -60,6 +57,14 @@ def metric_of(cfg) -> str:
 def metric_mode_of(cfg) -> str:
     """The selection metric's direction, from the metric table (train.metric_mode may only repeat it)."""
     return metric_row(metric_of(cfg), task_of(cfg.data)).mode
+
+
+def with_resolved_metric(cfg):
+    """A copy of cfg with train.metric and train.metric_mode filled in (the run records what it selects by)."""
+    import dataclasses
+
+    train = dataclasses.replace(cfg.train, metric=metric_of(cfg), metric_mode=metric_mode_of(cfg))
+    return dataclasses.replace(cfg, train=train)
 
 
 def loss_function(cfg, pre, class_weights=None) -> Callable:

@@ -77,7 +77,7 @@ def write_config(path, tiny_bert: str, data: str, /, **sections) -> str:
                  "label_column": "Recommended IND", "max_tokens": 32, "max_chunks": 2,
                  "split": {"fractions": [0.75, 0.25], "seed": 0}},
         "model": {"encoder": tiny_bert, "hidden_dim": 32, "num_heads": 2, "dropout": 0.0, "pooling": "cls"},
-        "train": {"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress_bar": False, "warmup_ratio": 0.0},
+        "train": {"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "warmup_ratio": 0.0},
         "dist": {},
     }
     for section, values in sections.items():

@@ -41,7 +41,7 @@ def test_shipped_config_is_valid():
     cfg = load_config(os.path.join(ROOT, "configs", "womens_clothing.yaml"))
     assert cfg.data.label_column == "Recommended IND"
     assert cfg.model.fusion == "cross_attn"
-    assert cfg.data.split.train_indices == "data/splits/train_idx.txt"
+    assert cfg.data.split.train_indices == os.path.abspath("data/splits/train_idx.txt")  # absolute once loaded
 
 
 @pytest.mark.parametrize("section,key,expected", [
@@ -68,7 +68,7 @@ def test_unknown_section_is_named(cfg_path):
     ("train.batch_size", "eight"),
     ("train.batch_size", 2.5),
     ("train.lr", "fast"),
-    ("train.progress_bar", "yes"),
+    ("train.progress", "yes"),
     ("model.fusion", "attention"),
     ("data.text_columns", {"a": 1}),
     ("data.split", 3),
@@ -155,7 +155,7 @@ def test_shortcut_flags(cfg_path, tmp_path):
         "--batch-size", "4", "--max-tokens", "64", "--max-chunks", "3", "--log-every", "2",
         "--checkpoint-every", "5", "--resume", str(ckpt), "--seed", "11", "--overwrite",
     ])
-    assert cfg.data.path == "other.csv"
+    assert cfg.data.path == os.path.abspath("other.csv")
     assert cfg.train.output_dir == "runs/y"
     assert cfg.dist.strategy == "ddp"
     assert cfg.model.fusion == "gated"

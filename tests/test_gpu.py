@@ -101,12 +101,12 @@ def test_activation_checkpointing_and_cpu_offload(gpu_cfg, tmp_path, key):
 def test_evaluate_on_n_ranks_and_export(gpu_run, tmp_path):
     """evaluate.py on every GPU (up to 4) and export.py of the GPU-trained model (verified against PyTorch)."""
     n = min(NGPU, 4)
-    r = run_cli(["evaluate.py", "--model-dir", str(gpu_run / "final"), "--split", "test", "--max-rows", "40",
+    r = run_cli(["evaluate.py", "--model-dir", str(gpu_run / "final"), "--split", "test", "--max-eval-rows", "40",
                  "--output-dir", str(tmp_path / "ev"), "--no-plots", "--no-progress"], nproc=n)
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["run"]["world_size"] == n and "40 rows" in r.stdout
     onnx = tmp_path / "exported" / "model.onnx"
-    run_cli(["export.py", "--model-dir", str(gpu_run / "final"), "--output", str(onnx), "--report",
+    run_cli(["export.py", "--model-dir", str(gpu_run / "final"), "--output-dir", str(onnx), "--report",
              str(tmp_path / "report.json")])
     assert onnx.exists() and (tmp_path / "report.json").exists()
 

@@ -44,7 +44,7 @@ def runs(tmp_path_factory, reviews, tiny_bert):
         run, export = work / f"run_{name}", work / f"export_{name}"
         _with_umask(UMASKS[name], ["train.py", "--config", cfg, "--output-dir", str(run), "--max-steps", "2",
                                    "--max-eval-rows", "16"])
-        _with_umask(UMASKS[name], ["export.py", "--model-dir", str(run / "final"), "--output", str(export)])
+        _with_umask(UMASKS[name], ["export.py", "--model-dir", str(run / "final"), "--output-dir", str(export)])
         out[name] = (run / "final", export)
     return work, out
 
@@ -192,7 +192,7 @@ def test_export_refuses_a_link_out_of_the_model_folder(runs, tmp_path, link):
     model_a, _ = r["A"]
     d = _linked_model(model_a, tmp_path, link == "config.yaml", link == "tokenizer/passwd")
     out = tmp_path / "exported"
-    res = run_cli(["export.py", "--model-dir", str(d), "--output", str(out)], check=False)
+    res = run_cli(["export.py", "--model-dir", str(d), "--output-dir", str(out)], check=False)
     assert_one_line_error(res, f"{d}/{link} is a symbolic link", "outside")
     assert not out.exists() or os.listdir(out) == []
     assert_one_line_error(_predict(d, work, "linked.tsv"), f"{d}/{link} is a symbolic link")
@@ -225,7 +225,7 @@ def test_export_copies_a_link_inside_the_folder_as_a_link(runs, tmp_path):
     shutil.copytree(model_a, src)
     os.symlink("tokenizer.json", src / "tokenizer" / "alias.json")
     seal_model_dir(str(src))  # as if saved with the link
-    run_cli(["export.py", "--model-dir", str(src), "--output", str(tmp_path / "exported")])
+    run_cli(["export.py", "--model-dir", str(src), "--output-dir", str(tmp_path / "exported")])
     assert os.readlink(tmp_path / "exported" / "tokenizer" / "alias.json") == "tokenizer.json"
     assert _predict(tmp_path / "exported", work, "inside.tsv").returncode == 0
 

@@ -42,7 +42,7 @@ def _resume_cfg(tmp_path, tiny_bert, reviews):
     reviews.iloc[:120].to_csv(tmp_path / "d.csv", index=False)
     return write_config(tmp_path / "c.yaml", tiny_bert, str(tmp_path / "d.csv"),
                         data={"cache_dir": str(tmp_path / "tok")},
-                        train={"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress_bar": False,
+                        train={"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False,
                                "warmup_ratio": 0.0, "checkpoint_every": 2})
 
 
@@ -176,10 +176,11 @@ def test_same_size_damage_is_rebuilt_with_one_warning(cfg_path, name, damage, ca
 
 def test_evaluates_rows_cache_checks_its_content_too(model_dir, work, tiny_bert, tmp_path, caplog):
     from mmbert.data.tokenize import load_tokenizer
+    from mmbert.evaluation.options import EvalOptions
     from mmbert.evaluation.rows import scored_rows
 
-    args = argparse.Namespace(model_dir=model_dir, data=str(work / "good.csv"), split=None, indices=None,
-                              max_rows=None, id_column=None, no_cache=False, cache_dir=str(tmp_path / "tok"))
+    args = EvalOptions(model_dir=[model_dir], output_dir=str(tmp_path / "out"), data=str(work / "good.csv"),
+                       cache_dir=str(tmp_path / "tok")).resolved()
     tok = load_tokenizer(tiny_bert)
 
     def rows():  # as evaluate.py does: the model's preprocessing as loaded (scored_rows sets its id column)

@@ -11,7 +11,7 @@ from mmbert.errors import ConfigError
 from mmbert.evaluation.importance import primary_metric
 from mmbert.metrics import (CLASSIFICATION, LOGGED_KEYS, REGRESSION, SUMMARY_KEYS, TABLE, VAL_LOSS, compute_metrics,
                             compute_regression_metrics, metric_names, metric_row, summary_table)
-from mmbert.task import metric_mode_of
+from mmbert.task import metric_mode_of, metric_of
 
 RNG = np.random.default_rng(0)
 
@@ -55,8 +55,9 @@ def test_selection_uses_the_table_direction_for_every_metric(task):
     for name in metric_names(task):
         cfg = _cfg(task, metric=name)
         want = metric_row(name, task).mode
-        assert (cfg.train.metric, cfg.train.metric_mode, metric_mode_of(cfg)) == (name, want, want)
-        assert _cfg(task, metric=name, metric_mode=want).train.metric_mode == want
+        assert (metric_of(cfg), metric_mode_of(cfg)) == (name, want)
+        assert cfg.train.metric_mode is None  # validation resolves nothing into the config
+        assert metric_mode_of(_cfg(task, metric=name, metric_mode=want)) == want
         wrong = "min" if want == "max" else "max"
         with pytest.raises(ConfigError, match=f"'train.metric_mode': '{wrong}' would keep the worst checkpoint"):
             _cfg(task, metric=name, metric_mode=wrong)
@@ -66,8 +67,8 @@ def test_val_loss_is_the_task_loss_and_lower_is_better():
     for task in (CLASSIFICATION, REGRESSION):
         assert metric_row("val_loss", task).name == VAL_LOSS[task]
         assert metric_row("val_loss", task).mode == "min"
-    assert _cfg(CLASSIFICATION, metric="log_loss").train.metric_mode == "min"
-    assert _cfg(CLASSIFICATION).train.metric_mode == "max"  # roc_auc by default
+    assert metric_mode_of(_cfg(CLASSIFICATION, metric="log_loss")) == "min"
+    assert metric_mode_of(_cfg(CLASSIFICATION)) == "max"  # roc_auc by default
     with pytest.raises(ConfigError, match="'roc_auc' is not a regression metric"):
         _cfg(REGRESSION, metric="roc_auc")
 

@@ -27,7 +27,7 @@ def cfg_for(tiny_bert, no_dropout_bert, reviews, tmp_path_factory):
         path = d / f"{strategy}_{precision}_{len(os.listdir(d))}.yaml"
         encoder = tiny_bert if dropout else no_dropout_bert
         return write_config(path, encoder, str(d / "d.parquet"), data={**(data or {})},
-                            train={"batch_size": 4, "max_steps": 8, "lr": 1e-3, "progress_bar": False, "seed": 0,
+                            train={"batch_size": 4, "max_steps": 8, "lr": 1e-3, "progress": False, "seed": 0,
                                    **(train or {})},
                             dist={"strategy": strategy, "mixed_precision": precision, **dist})
     return make

@@ -14,13 +14,14 @@ import torch
 from conftest import assert_one_line_error, run_cli, write_config
 
 import mmbert
-from mmbert.config import FUSIONS, DataConfig, load_config
+from mmbert.config import DataConfig, load_config
 from mmbert.data.dataset import collate
 from mmbert.data.pipeline import build_dataset
 from mmbert.data.preprocess import Preprocessor
 from mmbert.data.tokenize import load_tokenizer
 from mmbert.errors import ArtifactError, ConfigError, DataError
 from mmbert.models.classifier import ModelSpec, MultimodalClassifier, load_encoder, scores
+from mmbert.models.registry import fusion_names
 
 NUM = ["Age", "Positive Feedback Count", "Recommended IND"]
 CAT = ["Division Name", "Department Name", "Class Name"]
@@ -36,19 +37,20 @@ def _cfg(tmp_path, tiny_bert, data=None, train=None, **kw):
 
 def test_task_resolution_and_per_task_metric_defaults(tmp_path, tiny_bert):
     cfg = _cfg(tmp_path, tiny_bert)
-    assert (cfg.train.metric, cfg.train.metric_mode, cfg.train.loss) == ("rmse", "min", "auto")
+    from mmbert.task import loss_of, metric_mode_of, metric_of, task_of
+
+    assert (metric_of(cfg), metric_mode_of(cfg), cfg.train.loss) == ("rmse", "min", "auto")
     auto = _cfg(tmp_path, tiny_bert, data={"task": "auto", "label_type": "float"}, train={"metric": "r2"})
-    assert (auto.train.metric, auto.train.metric_mode) == ("r2", "max")
-    from mmbert.task import loss_of, task_of
+    assert (metric_of(auto), metric_mode_of(auto)) == ("r2", "max")
 
     assert task_of(auto.data) == "regression" and loss_of(auto) == "mse"
     # classification configs that omit or set the metric resolve as before
     plain = load_config(write_config(tmp_path / "p.yaml", tiny_bert, "d.csv"))
-    assert (plain.train.metric, plain.train.metric_mode, loss_of(plain)) == ("roc_auc", "max", "cross_entropy")
+    assert (metric_of(plain), metric_mode_of(plain), loss_of(plain)) == ("roc_auc", "max", "cross_entropy")
     assert task_of(plain.data) == "classification"
     ll = load_config(write_config(tmp_path / "l.yaml", tiny_bert, "d.csv", train={"metric": "log_loss",
                                                                                    "metric_mode": "min"}))
-    assert (ll.train.metric, ll.train.metric_mode) == ("log_loss", "min")
+    assert (metric_of(ll), metric_mode_of(ll)) == ("log_loss", "min")
     shipped = load_config("womens_clothing_regression")  # the packaged regression config
     assert task_of(shipped.data) == "regression" and shipped.data.label_column == "Rating"
     assert "Rating" not in shipped.data.numeric_columns + shipped.data.serialize_columns
@@ -149,7 +151,7 @@ def batch(reviews, tiny_bert):
     return collate(ds, np.arange(7), 0)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", fusion_names())
 def test_every_fusion_gives_one_output_and_scores_in_original_units(fusion, batch, tiny_bert):
     torch.manual_seed(0)
     encoder = None if fusion == "tab_only" else load_encoder(tiny_bert, pretrained=True)
@@ -221,8 +223,8 @@ def planted_run(tiny_bert, tmp_path_factory):
                        data={"text_columns": ["note"], "numeric_columns": ["x1", "x2"], "categorical_columns": ["c"],
                              "label_column": "y", "label_type": "float", "id_column": "rid"},
                        model={"fusion": "tab_only"},
-                       train={"lr": 3e-3, "batch_size": 16, "log_every": 5, "eval_every": 20, "seed": 0,
-                              "eval_each_epoch": False})
+                       train={"lr": 3e-3, "head_lr": None, "batch_size": 16, "log_every": 5, "eval_every": 20,
+                              "seed": 0, "eval_each_epoch": False})  # head_lr pinned: one rate for every part
     run = mmbert.train(cfg, output_dir=str(work / "run"), max_steps=120)
     return work, run
 
@@ -246,7 +248,7 @@ def test_planted_linear_signal_is_learned_and_best_is_the_minimum_rmse(planted_r
 def test_evaluate_files_metrics_plots_and_predictor(planted_run, capsys):
     work, run = planted_run
     new = pd.read_csv(work / "new.csv")
-    res = mmbert.evaluate(run.model_dir, output_dir=str(work / "eval"), data=str(work / "new.csv"), no_progress=True)
+    res = mmbert.evaluate(run.model_dir, output_dir=str(work / "eval"), data=str(work / "new.csv"), progress=False)
     pred = pd.read_csv(res.predictions, sep="\t", dtype={"rid": str})
     assert list(pred.columns) == ["row", "rid", "label", "prediction"]
     assert pred["row"].tolist() == list(range(64)) and pred["rid"].tolist() == new["rid"].tolist()
@@ -258,8 +260,9 @@ def test_evaluate_files_metrics_plots_and_predictor(planted_run, capsys):
     for k in ("rmse", "mae", "r2", "spearman"):
         assert m[k] == pytest.approx(ref[k], rel=1e-5), k
     assert m["r2"] > 0.9 and "data_report" in m and "per_class" not in m and "classes" not in m
-    for f in ("predicted_vs_actual.png", "residual_histogram.png", "test_result_rank0.tsv"):
+    for f in ("predicted_vs_actual.png", "residual_histogram.png"):
         assert os.path.getsize(work / "eval" / f) > 0, f
+    assert not os.path.exists(work / "eval" / "test_result_rank0.tsv")  # one process: predictions.tsv alone
     assert not os.path.exists(work / "eval" / "roc_curve.png")
     assert "rmse" in capsys.readouterr().out
 
@@ -273,7 +276,7 @@ def test_evaluate_files_metrics_plots_and_predictor(planted_run, capsys):
 
     # without labels: a prediction run, the predictions' histogram
     new.drop(columns=["y"]).to_csv(work / "unlabelled.csv", index=False)
-    mmbert.evaluate(run.model_dir, output_dir=str(work / "pred"), data=str(work / "unlabelled.csv"), no_progress=True)
+    mmbert.evaluate(run.model_dir, output_dir=str(work / "pred"), data=str(work / "unlabelled.csv"), progress=False)
     assert list(pd.read_csv(work / "pred" / "predictions.tsv", sep="\t").columns) == ["row", "rid", "prediction"]
     assert os.path.isfile(work / "pred" / "prediction_histogram.png")
     assert "predicted y: mean" in capsys.readouterr().out
@@ -314,7 +317,7 @@ def test_train_evaluate_two_ranks_export_onnx_parity(no_dropout_bert, reviews, t
     assert sorted(ranks["row"].tolist()) == list(range(200))  # every row once across the rank files
     assert one["prediction"].std() > 1e-3, "predictions barely vary: the comparisons would prove little"
 
-    r = run_cli(["export.py", "--model-dir", model, "--output", str(tmp_path / "exp"), "--quantize", "int8"])
+    r = run_cli(["export.py", "--model-dir", model, "--output-dir", str(tmp_path / "exp"), "--quantize", "int8"])
     manifest = json.load(open(tmp_path / "exp" / "onnx_manifest.json"))
     report = manifest["exports"]["model.onnx"]
     assert (report["output"], report["task"]) == ("prediction", "regression") and report["max_abs_diff"] < 1e-4, r.stdout

@@ -17,14 +17,12 @@ from torch import nn
 from mmbert.config import load_config
 from mmbert.distributed.env import cleanup, init_distributed
 from mmbert.distributed.parallel import unwrap
+from mmbert.training.build import build_run
 from mmbert.training.loop import Trainer
 
 
 def build(cfg, env) -> Trainer:
-    t = Trainer(cfg, env)
-    for step in ("build_data", "build_model", "plan_steps", "restore"):
-        getattr(t, step)()
-    return t
+    return Trainer(cfg, env, build_run(cfg, env))
 
 
 def first_encoder_linear(model: nn.Module) -> nn.Module:
@@ -97,7 +95,7 @@ def main():
     report["runs"] = t.plan.describe()
     report["saved_bytes"] = saved.first_step
     if opts.get("resume_from_step"):
-        t.mlog.close()
+        t.metrics.close()
         resumed = build(load_config(cfg_path, [("train.output_dir", out + "/run"), ("train.resume", "auto")]), env)
         report["resumed_step"], report["resumed_scale"] = resumed.state.step, resumed.scaler.value
         report["resumed_skipped"] = resumed.state.skipped_steps

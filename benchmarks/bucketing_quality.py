@@ -36,7 +36,7 @@ def run(arm: str, seed: int, a, out: str) -> dict:
             "--max-steps", str(a.steps), "--batch-size", "16", "--max-tokens", "128", "--max-chunks", "1",
             "--max-eval-rows", str(a.val_rows), "--seed", str(seed)]
     for kv in ["train.log_every=10", "train.eval_each_epoch=false", "train.eval_every=null",
-               "train.select_best=false", "train.progress_bar=false", "train.checkpoint_every=null", *ARMS[arm]]:
+               "train.select_best=false", "train.progress=false", "train.checkpoint_every=null", *ARMS[arm]]:
         args += ["--set", kv]
     common.run_checked(common.torchrun_cmd(a.nproc, args[0], args[1:]), f"{arm} seed {seed}: train.py")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -88,9 +88,7 @@ def main():
     for arm, s in summary.items():
         print(f"{arm:<16}{s['mean_val_log_loss']:>10.4f}{(s['sd'] or 0):>8.4f}{s['mean_val_roc_auc']:>8.4f}"
               f"{s.get('diff_vs_random', 0):>+9.4f}{2 * s.get('se_diff', 0):>8.4f}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump({"date": common.now(), "args": vars(a), "summary": summary, "runs": rows}, f, indent=1)
+    common.write_result("bucketing_quality", {"summary": summary, "runs": rows}, a, a.out)
     print("wrote", a.out)
 
 

@@ -134,3 +134,64 @@ def run_checked(cmd: list[str], what: str, env: Optional[dict] = None) -> subpro
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ----------------------------------------------------------------------------- results
+
+def write_result(name: str, record: dict, args=None, path: Optional[str] = None) -> str:
+    """Every benchmark's JSON in one layout: {"benchmark": name, "date", "args": the command's options, then the
+    benchmark's own fields}; default path benchmarks/results/NAME.json. Returns the path."""
+    path = path or os.path.join(ROOT, "benchmarks", "results", f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = {"benchmark": name, "date": now(), "args": vars(args) if args is not None else {}, **record}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    return path
+
+
+# ----------------------------------------------------------------------------- the Trainer's own step
+
+def trainer(cfg, env):
+    """A Trainer over build_run's parts, as train.py builds it (its output_dir created; nothing trained yet)."""
+    from mmbert.training.build import build_run
+    from mmbert.training.loop import Trainer
+
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    return Trainer(cfg, env, build_run(cfg, env))
+
+
+def close_trainer(t):
+    t.batches = None  # stops the step loader's workers
+    t.metrics.close()
+
+
+STEP_PHASES = ("batch", "forward_backward", "optimizer_step", "step")
+
+
+class PhaseTimer:
+    """Times the phases of the Trainer's own train_step (its batch, forward_backward and optimizer_step) by
+    wrapping those methods on this one instance: the step timed is the step train.py runs."""
+
+    def __init__(self, t):
+        import torch
+
+        self.t, self.times = t, {}
+        cuda = t.env.device.type == "cuda"
+        sync = (lambda: torch.cuda.synchronize(t.env.device)) if cuda else (lambda: None)
+        for phase, method in zip(STEP_PHASES, ("train_batches", "forward_backward", "optimizer_step")):
+            setattr(t, method, self._timed(phase, getattr(t, method), sync))
+
+    def _timed(self, phase: str, fn, sync):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            self.times[phase] = time.perf_counter() - start
+            return out
+        return run
+
+    def step(self) -> tuple[dict, tuple[int, int]]:
+        """One train_step: ({phase: seconds, "step": the whole step}, (real tokens, padded tokens))."""
+        start = time.perf_counter()
+        st = self.t.train_step()
+        return {**self.times, "step": time.perf_counter() - start}, (st.real_tokens, st.padded_tokens)

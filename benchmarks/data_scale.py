@@ -187,7 +187,7 @@ def train_args(a, out_dir: str, steps: int, sets: list[str], no_cache: bool) -> 
     args = ["--config", a.config, "--strategy", "fsdp", "--max-steps", str(steps), "--log-every", "1",
             "--max-eval-rows", "64", "--output-dir", out_dir, "--overwrite"]
     # --eval-every 0 / --checkpoint-every 0 are refused (">= 1 when set"): null turns them off
-    for kv in ["train.eval_every=null", "train.checkpoint_every=null", "train.progress_bar=false", *sets, *a.set]:
+    for kv in ["train.eval_every=null", "train.checkpoint_every=null", "train.progress=false", *sets, *a.set]:
         args += ["--set", kv]
     return args + (["--no-cache"] if no_cache else [])
 
@@ -422,9 +422,7 @@ def main():
     finally:
         if temp:
             shutil.rmtree(a.workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_result("data_scale", result, a, a.out)
     print("wrote", a.out)
 
 

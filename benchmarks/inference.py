@@ -16,7 +16,6 @@ Prints a table and writes JSON (default benchmarks/results/inference.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 def metrics(probs, labels):
@@ -137,9 +138,7 @@ def main(argv=None):
             line += f" {r.get('roc_auc', float('nan')):.4f} |"
         print(line)
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1)
+        common.write_result("inference", {"info": info, "results": results}, a, a.json)
         print(f"\nwrote {a.json}")
     if tmp is not None:
         tmp.cleanup()

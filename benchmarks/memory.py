@@ -6,8 +6,8 @@ and shard-grad-op), with the real encoder after one real optimizer step on the s
     python benchmarks/memory.py --configs fsdp_full  # one
 
 Each configuration runs in its own torchrun job (this script in --worker mode). The worker follows
-training/loop.py: init_distributed, data, pretrained model, parallelize, AdamW, one step on a real
-batch (collate -> forward -> backward -> clip -> optimizer.step), and reads
+train.py: init_distributed, then a Trainer over build_run's parts (data, pretrained model, parallelize, AdamW),
+and the Trainer's own forward_backward + optimizer_step on a real batch, and reads
   * parameter / gradient / optimizer-state bytes of the tensors this rank holds (DTensor.to_local()
     for FSDP, so shards count only their local part), taken after optimizer.step() before zero_grad;
   * peak RSS (ru_maxrss) and RSS at each phase, to see what dominates it.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,18 +45,16 @@ def worker(a):
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from mmbert.config import load_config
     from mmbert.data.dataset import collate
-    from mmbert.data.samplers import epoch_order, micro_batch
+    from mmbert.data.samplers import micro_batch
     from mmbert.distributed.env import cleanup, init_distributed
-    from mmbert.distributed.parallel import clip_grad_norm, parallelize, resolve_plan
-    from mmbert.scoring import run_model
-    from mmbert.training.optim import build_optimizer
+    from mmbert.distributed.parallel import unwrap
     mark("imports")
 
-    over = [("dist.strategy", a.strategy), ("data.max_eval_rows", 1)]
+    over = [("dist.strategy", a.strategy), ("data.max_eval_rows", 1), ("train.overwrite", True),
+            ("train.output_dir", a.part + ".run")]
     if a.sharding:
         over.append(("dist.sharding", a.sharding))
     if a.rows:
@@ -65,36 +64,27 @@ def worker(a):
         over.append((k, __import__("yaml").safe_load(v)))
     cfg = load_config(a.config, over)
     env = init_distributed(cfg.dist.timeout_s, cfg.train.num_threads)
-    plan = resolve_plan(cfg.dist, env.device, env.world_size)
-    ds, model, spec, pad_id = common.build_data_and_model(cfg)
-    mark("data_and_pretrained_model")
-    full_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = parallelize(model, plan, env)
-    mark("parallelize")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, cfg.train)
+    t = common.trainer(cfg, env)  # data, pretrained model, parallelize, AdamW: as train.py builds them
+    plan, model, ds = t.plan, t.model, t.train_ds
+    mark("build_run")
+    # global shapes (a DTensor's numel is the full tensor's)
+    full_param_bytes = sum(p.numel() * p.element_size() for p in unwrap(model).parameters())
     B, W = cfg.train.batch_size, env.world_size
-    order = epoch_order(len(ds), 0, cfg.train.seed, ds.lengths if cfg.train.bucket_by_length else None,
-                        cfg.train.bucket_block)
     # the longest micro-batch of the first 20 steps: peak activations, as in a real epoch
-    cands = [micro_batch(order, s * B * W, 0, env.rank, W, B) for s in range(20)]
+    cands = [micro_batch(t.order_of(0), s * B * W, 0, env.rank, W, B) for s in range(min(20, t.steps_per_epoch))]
     idx = max(cands, key=lambda i: int(ds.lengths[i].max()) * len(i))
-    batch = collate(ds, idx, pad_id)
+    batch = collate(ds, idx, t.pad_id)
     sizes = None
-    for step in range(a.steps):
-        logits = run_model(model, batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        loss.backward()
-        clip_grad_norm(params, cfg.train.max_grad_norm)
-        opt.step()
-        if sizes is None:  # after the first real optimizer step, before zero_grad
+    for _ in range(a.steps):
+        t.forward_backward([batch])  # the Trainer's own step on that batch
+        gb = sum(common.local_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+        t.optimizer_step()
+        if sizes is None:  # after the first real optimizer step (gradients: as they were before it cleared them)
             pb = sum(common.local_nbytes(p) for p in model.parameters())
-            gb = sum(common.local_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-            ob = sum(common.local_nbytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+            ob = sum(common.local_nbytes(v) for st in t.optimizer.state.values() for v in st.values()
+                     if torch.is_tensor(v))
             sizes = (pb, gb, ob)
             mark("after_step1")
-        opt.zero_grad(set_to_none=True)
     mark(f"after_step{a.steps}")
     pb, gb, ob = sizes
     row = {"rank": env.rank, "world_size": W, "strategy": plan.strategy,
@@ -108,6 +98,7 @@ def worker(a):
     if env.rank == 0:
         with open(a.part, "w") as f:
             json.dump(rows, f)
+    common.close_trainer(t)
     cleanup()
 
 
@@ -132,6 +123,7 @@ def run_config(name: str, a) -> list[dict]:
     with open(part) as f:
         rows = json.load(f)
     os.remove(part)
+    shutil.rmtree(part + ".run", ignore_errors=True)
     for row in rows:
         row["config"] = name
         row["seconds"] = time.time() - t0
@@ -167,12 +159,12 @@ def main():
     ref = one[0]["state_bytes"] if one else None
     mib = 2**20
     print(f"\n{'config':<20}{'rank':>5}{'params MiB':>11}{'grads MiB':>10}{'optim MiB':>10}{'total MiB':>10}"
-          f"{'vs 1-rank':>10}{'peak RSS MiB':>13}{'RSS@model MiB':>14}")
+          f"{'vs 1-rank':>10}{'peak RSS MiB':>13}{'RSS@build MiB':>14}")
     for r in rows:
         rel = f"{r['state_bytes'] / ref:.3f}" if ref else "-"
         print(f"{r['config']:<20}{r['rank']:>5}{r['param_bytes'] / mib:>11.1f}{r['grad_bytes'] / mib:>10.1f}"
               f"{r['optim_bytes'] / mib:>10.1f}{r['state_bytes'] / mib:>10.1f}{rel:>10}{r['peak_rss_mb']:>13.0f}"
-              f"{r['phases']['data_and_pretrained_model']['peak_rss_mb']:>14.0f}")
+              f"{r['phases']['build_run']['peak_rss_mb']:>14.0f}")
     checks = {}
     full = [r for r in rows if r["config"] == "fsdp_full"]
     ddp = [r for r in rows if r["config"] == "ddp"]
@@ -184,10 +176,7 @@ def main():
             "fsdp_max_mb": max(r["peak_rss_mb"] for r in full), "ddp_min_mb": min(r["peak_rss_mb"] for r in ddp),
             "ok": max(r["peak_rss_mb"] for r in full) < min(r["peak_rss_mb"] for r in ddp)}
     print("\nchecks:", json.dumps(checks, indent=1))
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump({"date": common.now(), "config": a.config, "steps": a.steps, "mmap_threshold": a.mmap_threshold,
-                   "rows": rows, "checks": checks}, f, indent=1)
+    common.write_result("memory", {"rows": rows, "checks": checks}, a, a.out)
     print("wrote", a.out)
 
 

@@ -362,8 +362,7 @@ def _run(a) -> list[dict]:
     print(markdown(rows))
     print(f"\n{len(rows)} configurations in {time.perf_counter() - t0:.1f} s")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": common.now(), "args": vars(a), "rows": rows}, f, indent=1)
+        common.write_result("plan", {"rows": rows}, a, a.json)
         print("wrote", a.json)
     return rows
 

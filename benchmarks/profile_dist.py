@@ -10,16 +10,17 @@ policy / resharding choice), in ONE torchrun job so every variant sees the same 
 A variant is STRATEGY[/WRAP][:SHARDING][+COLLECTIVES][^fixed|^prefetch] (ddp, fsdp/class,
 fsdp/none:shard_grad_op, fsdp/class:full+native; ^fixed pads to max_tokens, ^prefetch turns on FSDP's explicit
 forward prefetch with asynchronous all-gathers) or `seed`.
-Per variant: medians over --steps measured steps (after --warmup) of each phase on rank 0, every phase
-ended by a barrier-free wall clock (host work: collate; forward; backward, which includes the gradient
-collectives it waits for; clip; optimizer; zero_grad) and the whole step; with --torch-profile, the
+Every mmbert variant runs the Trainer's own step (a Trainer built as train.py builds it, with the variant's dist
+settings); `seed` runs benchmarks/seed_ddp.py's baseline step. Per variant: medians over --steps measured steps
+(after --warmup) of each phase on rank 0, every phase ended by a barrier-free wall clock (batch: the collated
+micro-batches; forward_backward, which includes the gradient collectives it waits for; optimizer_step: clip,
+update, lr schedule, zero_grad) and the whole step; with --torch-profile, the
 profiler's self CPU time of the main thread grouped into matmul / attention / element-wise / collectives /
 FSDP copies / optimizer / other, over 2 further steps.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,13 +31,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mmbert.config import load_config  # noqa: E402
 
 LEAN = [("model.attention_dropout", 0.0), ("model.freeze_word_embeddings", True)]
-PHASES = ("collate", "forward", "backward", "clip", "optim", "zero_grad", "step")
 GROUPS = [  # profiler op name -> category, first match wins
     ("collectives", ("gloo", "c10d", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "wait", "nccl")),
     ("fsdp_copies", ("FSDP::", "split_with_sizes_copy", "chunk_cat", "_foreach_copy")),
@@ -58,77 +59,64 @@ def parse_variant(v: str) -> dict:
             "collectives": collectives or None, "prefetch": prefetch, "fixed": fixed}
 
 
+def overrides(a, lean: bool) -> list:
+    over = [("data.max_tokens", a.max_tokens), ("data.max_chunks", 1), ("data.max_eval_rows", 1),
+            ("train.batch_size", a.batch_size), ("train.seed", a.seed), ("train.bucket_by_length", not a.random_rows)]
+    return over + ([("data.max_train_rows", a.rows)] if a.rows else []) + (LEAN if lean else [])
+
+
 def build(a, env, lean: bool):
     from mmbert.assembly import build_run_data
 
-    over = [("data.max_tokens", a.max_tokens), ("data.max_chunks", 1), ("data.max_eval_rows", 1),
-            ("train.batch_size", a.batch_size)] + (LEAN if lean else [])
-    if a.rows:
-        over.append(("data.max_train_rows", a.rows))
-    cfg = load_config(a.config, over)
+    cfg = load_config(a.config, overrides(a, lean))
     return cfg, build_run_data(cfg, with_val=False, env=env)
 
 
-def make_model(cfg, data, var: dict, env):
-    """The variant's wrapped model and optimizer, from the same pretrained weights."""
+def seed_step(a, env, cache: dict):
+    """The seed baseline (benchmarks/seed_ddp.py): fixed padding, random or bucketed rows, DDP defaults, torch's
+    AdamW. Returns (step(i) -> ({phase: s}, (real, padded) tokens), plan, things to free)."""
+    from seed_ddp import seed_forward_backward, seed_optimizer_step, seed_parallel
+
     from mmbert.assembly import build_run_model, model_spec
-    from mmbert.distributed.parallel import parallelize, resolve_plan
-    from mmbert.training.optim import build_optimizer
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_run_model(cfg, model_spec(cfg, data.pre))
-    if var["strategy"] == "seed":
-        from seed_ddp import seed_parallel
-
-        return (*seed_parallel(model, cfg), None)
-    d = cfg.dist
-    d.strategy, d.wrap_policy, d.sharding, d.collectives = (var[k] for k in ("strategy", "wrap", "sharding",
-                                                                           "collectives"))
-    plan = resolve_plan(cfg.dist, env.device, env.world_size)
-    wrapped = parallelize(model, plan, env)
-    if var.get("prefetch"):
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for m in wrapped.modules() if isinstance(m, FSDPModule) and m is not wrapped]
-        for a_, b_ in zip(units, units[1:]):
-            a_.set_modules_to_forward_prefetch([b_])
-        wrapped._set_unshard_async_op(True)
-    return wrapped, build_optimizer(wrapped, cfg.train), plan
-
-
-def step_fn(a, cfg, data, var, env, model, opt):
     from mmbert.data.dataset import batch_token_counts, collate
     from mmbert.data.samplers import epoch_order, micro_batch
-    from mmbert.distributed.parallel import clip_grad_norm
-    from mmbert.scoring import run_model
 
+    cfg, data = cache.setdefault(a.lean, build(a, env, a.lean))
+    torch.manual_seed(cfg.train.seed)
+    model, opt = seed_parallel(build_run_model(cfg, model_spec(cfg, data.pre)), cfg)
     ds, W, B = data.train, env.world_size, a.batch_size
-    # the same rows for every variant: length-bucketed batches, or random ones with --random-rows
     order = epoch_order(len(ds), 0, a.seed, None if a.random_rows else ds.lengths, cfg.train.bucket_block)
-    pad_to = (1, a.max_tokens) if var["strategy"] == "seed" or var.get("fixed") else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
 
     def step(i):
         t = [time.perf_counter()]
-        b = collate(ds, micro_batch(order, i * B * W, 0, env.rank, W, B), data.pad_id, pad_to)
-        counts = batch_token_counts(b)
+        b = collate(ds, micro_batch(order, i * B * W, 0, env.rank, W, B), data.pad_id, (1, a.max_tokens))
         t.append(time.perf_counter())
-        loss = torch.nn.functional.cross_entropy(run_model(model, b).float(), b["labels"])
+        seed_forward_backward(model, b)
         t.append(time.perf_counter())
-        loss.backward()
+        seed_optimizer_step(opt)
         t.append(time.perf_counter())
-        if var["strategy"] != "seed":
-            clip_grad_norm(params, cfg.train.max_grad_norm)
-        t.append(time.perf_counter())
-        opt.step()
-        t.append(time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
-        times = [t[k + 1] - t[k] for k in range(len(t) - 1)] + [t[-1] - t[0]]
-        return times, counts
+        return dict(zip(common.STEP_PHASES, [t[1] - t[0], t[2] - t[1], t[3] - t[2], t[3] - t[0]])), \
+            batch_token_counts(b)
+    return step, None, (model, opt)
 
-    return step
+
+def trainer_step(a, env, var: dict):
+    """The variant's Trainer (the same pretrained weights, rows and seed for every variant) and its own step."""
+    d = [("dist.strategy", var["strategy"]), ("dist.wrap_policy", var["wrap"]), ("dist.sharding", var["sharding"]),
+         ("dist.collectives", var["collectives"])]
+    run = [("data.pad_to_max", var["fixed"]), ("train.max_steps", a.warmup + a.steps + 2), ("train.overwrite", True),
+           ("train.output_dir", os.path.join(a.run_dir, var["name"].replace("/", "_")))]
+    cfg = load_config(a.config, overrides(a, a.lean) + [kv for kv in d if kv[1] is not None] + run)
+    t = common.trainer(cfg, env)
+    if var["prefetch"]:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in t.model.modules() if isinstance(m, FSDPModule) and m is not t.model]
+        for a_, b_ in zip(units, units[1:]):
+            a_.set_modules_to_forward_prefetch([b_])
+        t.model._set_unshard_async_op(True)
+    timer = common.PhaseTimer(t)
+    return lambda i: timer.step(), t.plan, t
 
 
 def group_profile(prof) -> dict:
@@ -143,29 +131,27 @@ def group_profile(prof) -> dict:
 
 
 def run_variant(a, env, var: dict, cache: dict) -> dict:
-    lean = a.lean
-    if lean not in cache:
-        cache[lean] = build(a, env, lean)
-    cfg, data = cache[lean]
-    model, opt, plan = make_model(cfg, data, var, env)
-    step = step_fn(a, cfg, data, var, env, model, opt)
+    if var["strategy"] == "seed":
+        step, plan, held = seed_step(a, env, cache)
+    else:
+        step, plan, held = trainer_step(a, env, var)
     torch.manual_seed(a.seed + 1000 * env.rank)
     for i in range(a.warmup):
         step(i)
     dist.barrier()
-    phases = {k: [] for k in PHASES}
+    phases: dict[str, list[float]] = {k: [] for k in common.STEP_PHASES}
     real = padded = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(a.warmup, a.warmup + a.steps):
         times, (r, p) = step(i)
         real, padded = real + r, padded + p
-        for k, v in zip(PHASES, times):
+        for k, v in times.items():
             phases[k].append(v)
     dist.barrier()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tot = torch.tensor([float(real), float(padded)])
     dist.all_reduce(tot)
-    res = {"variant": var["name"], "plan": vars(plan) if plan else None, "wall_s": wall, "cpu_s": cpu,
+    res = {"variant": var["name"], "plan": plan.as_config() if plan else None, "wall_s": wall, "cpu_s": cpu,
            "samples_per_s": a.steps * a.batch_size * env.world_size / wall,
            "real_tokens_per_s": float(tot[0]) / wall, "padded_tokens_per_s": float(tot[1]) / wall,
            "phases_ms": {k: 1000 * statistics.median(v) for k, v in phases.items()}}
@@ -178,7 +164,9 @@ def run_variant(a, env, var: dict, cache: dict) -> dict:
         res["profile_s"] = group_profile(prof)
         if env.is_main and a.table:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.table), flush=True)
-    del model, opt
+    if hasattr(held, "metrics"):
+        common.close_trainer(held)
+    del held
     return res
 
 
@@ -227,6 +215,7 @@ def main():
     ap.add_argument("--collectives", action="store_true",
                     help="first time gloo's collectives against the point-to-point ones at the model's size")
     ap.add_argument("--out", default=None, help="write the results as JSON")
+    ap.add_argument("--run-dir", default="/tmp/mmbert_profile_dist", help="the variants' Trainer run directories")
     a = ap.parse_args()
 
     from mmbert.distributed.env import cleanup, init_distributed
@@ -257,9 +246,8 @@ def main():
                 print(" " * 29 + "profile s: " + " ".join(f"{k}={x:.2f}" for k, x in res["profile_s"].items()),
                       flush=True)
     if env.is_main and a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "world_size": env.world_size, "collectives_ms": collectives,
-                       "results": results}, f, indent=1)
+        common.write_result("profile_dist", {"world_size": env.world_size, "collectives_ms": collectives,
+                                             "results": results}, a, a.out)
     cleanup()
 
 

@@ -58,7 +58,8 @@ def build(a, env):
 
 def seed_parallel(model, cfg):
     """The seed's step around `model`: DDP with its defaults, in training mode, and torch's AdamW with one
-    learning rate (its default per-parameter loop on CPU). benchmarks/profile_dist.py's `seed` uses it too."""
+    learning rate (its default per-parameter loop on CPU). benchmarks/profile_dist.py's `seed` uses it too (with
+    seed_forward_backward / seed_optimizer_step): a deliberately different baseline, not mmbert's step."""
     ddp = DDP(model)
     ddp.train()  # from_pretrained leaves the encoder in eval mode (no dropout); Lightning's fit loop trains
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
@@ -66,11 +67,25 @@ def seed_parallel(model, cfg):
     return ddp, opt
 
 
+def seed_forward_backward(ddp, batch) -> torch.Tensor:
+    """The seed's forward and backward: mean cross-entropy of the rank's batch (DDP averages the gradients)."""
+    from mmbert.scoring import run_model
+
+    loss = F.cross_entropy(run_model(ddp, batch).float(), batch["labels"])
+    loss.backward()
+    return loss.detach()
+
+
+def seed_optimizer_step(opt):
+    """The seed's update: no clipping, no schedule."""
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def main():
     from mmbert.data.dataset import batch_token_counts, collate
     from mmbert.data.samplers import epoch_order, micro_batch
     from mmbert.distributed.env import cleanup, init_distributed
-    from mmbert.scoring import run_model
 
     a = parse_args()
     env = init_distributed(1800)
@@ -85,11 +100,9 @@ def main():
         t0, c0 = time.perf_counter(), time.process_time()
         batch = collate(ds, micro_batch(order, step * B * W, 0, env.rank, W, B), data.pad_id, (1, a.max_tokens))
         real, padded = batch_token_counts(batch)
-        loss = F.cross_entropy(run_model(ddp, batch).float(), batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stats = torch.tensor([float(loss.detach()), real, padded, time.process_time() - c0])
+        loss = seed_forward_backward(ddp, batch)
+        seed_optimizer_step(opt)
+        stats = torch.tensor([float(loss), real, padded, time.process_time() - c0])
         dist.all_reduce(stats)
         dt = time.perf_counter() - t0
         if log:

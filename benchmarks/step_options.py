@@ -7,12 +7,12 @@ checkpointing), one process, the real encoder of the shipped config, paired in o
 
 Two Trainers (the same seed, rows and batches) step in turn, so both see the same machine load; the first
 `--warmup` steps (compilation) are left out. Prints the median seconds per step of each and their ratio, and the
-MiB of tensors autograd keeps for backward in the first step; writes benchmarks/results/step_<option>.json. Ratios only: absolute times differ 2-3x between machines.
+MiB of tensors autograd keeps for backward in the first step; writes benchmarks/results/step_<option>.json
+(--result). Ratios only: absolute times differ 2-3x between machines.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,14 +26,9 @@ OPTIONS = {"compile": ("train.compile", True), "activation_checkpointing": ("dis
 
 def trainer(config: str, out: str, overrides: list, env):
     from mmbert.config import load_config
-    from mmbert.training.loop import Trainer
 
-    os.makedirs(out, exist_ok=True)
-    cfg = load_config(config, [("train.output_dir", out), ("dist.strategy", "none"), *overrides])
-    t = Trainer(cfg, env)
-    for step in ("build_data", "build_model", "plan_steps", "restore"):
-        getattr(t, step)()
-    return t
+    return common.trainer(load_config(config, [("train.output_dir", out), ("dist.strategy", "none"), *overrides]),
+                          env)
 
 
 def saved_for_backward(t) -> float:
@@ -61,7 +56,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-chunks", type=int, default=1)
     ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--out", default="/tmp/mmbert_step_options")
+    ap.add_argument("--out", default="/tmp/mmbert_step_options", help="the Trainers' run directories")
+    ap.add_argument("--result", default=None, help="the JSON to write (default benchmarks/results/step_OPTION.json)")
     a = ap.parse_args()
 
     from mmbert.distributed.env import cleanup, init_distributed
@@ -82,15 +78,14 @@ def main():
             if i >= a.warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
-    result = {"option": key, "value": value, "when": common.now(), "threads": __import__("torch").get_num_threads(),
-              "batch_size": a.batch_size, "max_chunks": a.max_chunks, "steps": a.steps, "warmup": a.warmup,
+    result = {"option": key, "value": value, "threads": __import__("torch").get_num_threads(),
               "median_step_s": med, "on_over_off": med["on"] / med["off"], "saved_for_backward_mib": saved}
     print(f"{key}={value}: median step {med['on']:.3f} s vs {med['off']:.3f} s off ({result['on_over_off']:.2f}x "
           f"the time; {a.steps} paired steps after {a.warmup} warm-up); tensors kept for backward in the first "
           f"step {saved['on']:.0f} MiB vs {saved['off']:.0f} MiB")
-    path = os.path.join(common.ROOT, "benchmarks", "results", f"step_{a.option}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_result(f"step_{a.option}", result, a, a.result)
+    for t in runs.values():
+        common.close_trainer(t)
     cleanup()
 
 

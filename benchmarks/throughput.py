@@ -139,7 +139,7 @@ def run_job(mode: str, seed: int, a, shapes, lengths, out_dir: str) -> dict:
                 "--overwrite", "--max-steps", str(a.warmup + a.steps), "--batch-size", str(a.batch_size),
                 "--max-tokens", str(a.max_tokens), "--max-chunks", "1", "--max-eval-rows", "1", "--seed", str(seed)]
         sets = ["train.log_every=1", "train.eval_each_epoch=false", "train.select_best=false",
-                "train.progress_bar=false", "train.eval_every=null", "train.checkpoint_every=null", *sets]
+                "train.progress=false", "train.eval_every=null", "train.checkpoint_every=null", *sets]
     if a.rows:
         args += ["--max-train-rows", str(a.rows)]
     for kv in sets:
@@ -260,11 +260,9 @@ def main():
         print(f"{m:<22}{s['samples_per_s']:>10.2f}{s['tokens_per_s']:>11.0f}{s['padded_tokens_per_s']:>10.0f}"
               f"{s['padding_fraction']:>9.3f}{s['padding_fraction_epoch']:>10.3f}{s['util_wall']:>10.2f}"
               f"{s['util_cpu']:>9.2f}{s.get('speedup_wall', float('nan')):>10.2f}{s.get('speedup_cpu', float('nan')):>7.2f}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump({"date": common.now(), "args": vars(a), "cores": cores, "encoder": shapes, "seeds": seeds,
-                   "train_rows": int(len(lengths)), "mean_tokens": float(lengths.mean()),
-                   "summary": summary, "runs": runs}, f, indent=1)
+    common.write_result("throughput", {"cores": cores, "encoder": shapes, "seeds": seeds,
+                                       "train_rows": int(len(lengths)), "mean_tokens": float(lengths.mean()),
+                                       "summary": summary, "runs": runs}, a, a.out)
     print("wrote", a.out)
 
 

@@ -6,6 +6,7 @@
     tokenizer/             tokenizer files (tokenizer.json, vocab ...)
     preprocessing.json     column roles, numeric statistics, vocabularies, label map
     config.yaml            the resolved training config (its data section re-selects splits)
+    README.md              the model card (training/model_card.py): documentation, not read when opened
     integrity.json         one digest over the parts above (each part's sha256), written last when the folder
                            is saved and verified whenever it is opened: a folder whose parts come from
                            different runs (a model.safetensors copied in from another run) is refused
@@ -25,10 +26,11 @@ from typing import Optional
 import torch
 
 from . import fsutil
-from .config import FUSIONS, POOLINGS, Config, config_from_dict
+from .config import POOLINGS, Config, config_from_dict
 from .data.preprocess import Preprocessor, is_int
 from .errors import ArtifactError, ConfigError, read_json_object
 from .models.classifier import ModelSpec, MultimodalClassifier, load_encoder
+from .models.registry import fusion_names, fusion_spec
 from .models.text_encoder import position_limit
 from .task import CLASSIFICATION, REGRESSION
 
@@ -46,15 +48,16 @@ def build_model(spec: ModelSpec, encoder_source: Optional[str], pretrained: bool
                 encoder_config_dir: Optional[str] = None,
                 attention_dropout: Optional[float] = None) -> MultimodalClassifier:
     encoder = None
-    if spec.fusion != "tab_only":
+    if fusion_spec(spec.fusion).text:
         encoder = load_encoder(encoder_source or spec.encoder, pretrained, trust_remote_code, encoder_config_dir,
                                attention_dropout=attention_dropout)
     return MultimodalClassifier(spec, encoder)
 
 
 def save_artifact(out_dir: str, state_dict: dict, spec: ModelSpec, model: MultimodalClassifier, pre: Preprocessor,
-                  tokenizer, config_dict: Optional[dict] = None):
-    """Writes into `out_dir.tmp` then renames, so a crash never leaves a half-written final/."""
+                  tokenizer, config_dict: Optional[dict] = None, extra_files: Optional[dict[str, str]] = None):
+    """Writes into `out_dir.tmp` then renames, so a crash never leaves a half-written final/. `extra_files`:
+    {name: text} written beside the parts (the README.md model card; not a part of the digest)."""
     from safetensors.torch import save_file
 
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -75,6 +78,9 @@ def save_artifact(out_dir: str, state_dict: dict, spec: ModelSpec, model: Multim
 
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config_dict, f, sort_keys=False)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
     seal_model_dir(tmp)
     if os.path.isdir(out_dir):
         old = out_dir.rstrip("/") + ".old"
@@ -167,9 +173,9 @@ def require_model_dir(model_dir: str):
         raise ArtifactError(f"model directory not found: {model_dir}")
 
 
-# model_spec.json field -> (check, what it must be)
+# model_spec.json field -> (check, what it must be; a callable for what can grow, e.g. registered fusions)
 SPEC_FIELDS = {
-    "fusion": (lambda v: v in FUSIONS, f"one of {', '.join(FUSIONS)}"),
+    "fusion": (lambda v: isinstance(v, str) and v in fusion_names(), lambda: f"one of {', '.join(fusion_names())}"),
     "hidden_dim": (lambda v: is_int(v, 1), "an integer >= 1"),
     "num_heads": (lambda v: is_int(v, 1), "an integer >= 1"),
     "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
@@ -202,6 +208,7 @@ def read_spec(model_dir: str) -> ModelSpec:
                             f"{', '.join(OPTIONAL_SPEC_FIELDS)})")
     for name, (ok, want) in {**SPEC_FIELDS, **OPTIONAL_SPEC_FIELDS}.items():
         if name in raw and not ok(raw[name]):
+            want = want() if callable(want) else want
             raise ArtifactError(f"{spec_path}: field '{name}' must be {want}, got {raw[name]!r:.80}")
     if raw["hidden_dim"] % raw["num_heads"]:
         raise ArtifactError(f"{spec_path}: field 'num_heads' ({raw['num_heads']}) must divide hidden_dim "
@@ -241,7 +248,7 @@ def _meta_model(spec: ModelSpec, model_dir: str, trust_remote_code: bool) -> Mul
     enc_dir = os.path.join(model_dir, "encoder")
     with torch.device("meta"):
         encoder = None
-        if spec.fusion != "tab_only":
+        if fusion_spec(spec.fusion).text:
             try:
                 encoder = load_encoder(spec.encoder, False, trust_remote_code, enc_dir)
             except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:

@@ -30,7 +30,7 @@ def data(tmp_path_factory, reviews):
 @pytest.fixture(scope="module")
 def cfg(data, tiny_bert):
     return write_config(data / "c.yaml", tiny_bert, str(data / "d.csv"), dist={"strategy": "none"},
-                        train={"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress_bar": False,
+                        train={"batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False,
                                "warmup_ratio": 0.0, "eval_every": 2, "checkpoint_every": 2})
 
 
@@ -157,7 +157,7 @@ def test_resume_with_a_changed_model_or_data_key_names_each_key(cfg, tmp_path, a
 @pytest.mark.slow
 def test_extending_a_finished_run_replans_the_schedule_and_applies_a_new_lr(cfg, tmp_path):
     out = tmp_path / "run"
-    base = ["--set", "train.select_best=false", "--set", "train.warmup_ratio=0.25"]
+    base = ["--set", "train.select_best=false", "--set", "train.warmup_ratio=0.25", "--set", "train.head_lr=null"]
     train(cfg, out, "--max-steps", "4", *base)  # warmup int(0.25 * 4) = 1 step
     old = load_file(out / "final" / "model.safetensors")
     r = train(cfg, out, "--max-steps", "8", "--resume", "auto", "--lr", "2e-3", *base)
@@ -202,7 +202,7 @@ def test_one_class_val_split_never_selects_a_nan_best(data, tiny_bert, tmp_path,
     c = write_config(tmp_path / "c.yaml", tiny_bert, str(data / "d.csv"), dist={"strategy": "none"},
                      data={"split": {"train_indices": str(tmp_path / "train.txt"),
                                      "val_indices": str(tmp_path / "val.txt")}},
-                     train={"progress_bar": False, "eval_every": 1, "select_best": True, "metric": "roc_auc"})
+                     train={"progress": False, "eval_every": 1, "select_best": True, "metric": "roc_auc"})
     out = tmp_path / "run"
     r = train(c, out, "--max-steps", "2")
     log = r.stdout + r.stderr
@@ -275,16 +275,16 @@ def test_train_unwritable_output_dir_fails_before_training(work, train_cfg, tmp_
 def test_disk_full_output_dir_fails_before_training(tmp_path, monkeypatch, train_cfg):
     from mmbert.config import load_config
     from mmbert.distributed.env import DistEnv
-    from mmbert.training import loop
+    from mmbert.training import rundir
 
     class Usage:
         total, used, free = 10 * 2**30, 10 * 2**30 - 2**20, 2**20
 
-    monkeypatch.setattr(loop.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: Usage)
     cfg = load_config(train_cfg)
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "none")
     with pytest.raises(ConfigError, match=r"output directory .*run has only 1 MiB free"):
-        loop.prepare_output_dir(str(tmp_path / "run"), cfg, env)
+        rundir.prepare_output_dir(str(tmp_path / "run"), cfg, env)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 
 import numpy as np
@@ -22,8 +23,11 @@ from mmbert.data.dataset import batch_token_counts, collate, move_batch
 from mmbert.data.samplers import epoch_order, micro_batch
 from mmbert.distributed.env import cleanup, init_distributed
 from mmbert.training import loop
-from mmbert.training.loop import Trainer, TrainState
+from mmbert.training.build import build_run
+from mmbert.training.checkpointing import TrainState
+from mmbert.training.loop import Trainer
 from mmbert.training.optim import lr_factor
+from mmbert.training.preemption import Preemption
 
 run_model = loop.run_model  # the loop's own forward call (its home module moves between refactors)
 
@@ -74,25 +78,25 @@ def data(tmp_path_factory, reviews) -> str:
 
 @pytest.fixture
 def make(tmp_path, tiny_bert, data, env):
-    """make(upto="restore", out=..., data_section=..., model_section=..., **train) -> a Trainer built up to
-    (and including) `upto`."""
-    steps = ("build_data", "build_model", "plan_steps", "restore")
+    """make(out=..., data_section=..., model_section=..., **train) -> a Trainer over build_run's parts (resumed
+    when train.resume says so)."""
+    made: list[Trainer] = []
 
-    def build(upto: str = "restore", out=None, data_section: dict | None = None, model_section: dict | None = None,
-              **train) -> Trainer:
+    def build(out=None, data_section: dict | None = None, model_section: dict | None = None, **train) -> Trainer:
         out = str(out or tmp_path / "run")
         os.makedirs(out, exist_ok=True)
         train = {"output_dir": out, "batch_size": 8, "lr": 1e-3, "head_lr": 5e-3, "warmup_ratio": 0.0,
-                 "max_steps": 6, "seed": 0, "progress_bar": False, "metric": "roc_auc", **train}
+                 "max_steps": 6, "seed": 0, "progress": False, "metric": "roc_auc", **train}
         cfg = load_config(write_config(os.path.join(out, "..", f"{os.path.basename(out)}.yaml"), tiny_bert, data,
                                        data=data_section or {}, model=model_section or {}, train=train,
                                        dist={"strategy": "none"}))
-        t = Trainer(cfg, env)
-        for name in steps[:steps.index(upto) + 1]:
-            getattr(t, name)()
+        t = Trainer(cfg, env, build_run(cfg, env))
+        made.append(t)
         return t
 
-    return build
+    yield build
+    for t in made:
+        t.metrics.close()
 
 
 def records(out) -> list[dict]:
@@ -116,7 +120,7 @@ def assert_same_weights(a: dict, b: dict):
 def test_train_step_advances_state_updates_weights_and_reports_the_batch_loss(make, class_weights):
     t = make(batch_size=4, grad_accum=2, warmup_steps=2, class_weights=class_weights,
              model_section={"freeze_word_embeddings": True})
-    assert (t.G, t.n, t.spe, t.total_steps) == (8, N_TRAIN, N_TRAIN // 8, 6)
+    assert (t.global_batch, t.n_train, t.steps_per_epoch, t.total_steps) == (8, N_TRAIN, N_TRAIN // 8, 6)
     frozen = {n for n, p in t.model.named_parameters() if not p.requires_grad}
     assert frozen == {"text_encoder.encoder.embeddings.word_embeddings.weight"}
     groups = t.optimizer.param_groups
@@ -126,7 +130,7 @@ def test_train_step_advances_state_updates_weights_and_reports_the_batch_loss(ma
     assert [g["lr"] for g in groups] == pytest.approx(lr0)
     ref = copy.deepcopy(t.model)  # the pre-step weights
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    order = t.epoch_order().copy()
+    order = t.current_order().copy()
     micro = [micro_batch(order, 0, m, 0, 1, 4) for m in range(2)]
     assert np.array_equal(np.concatenate(micro), order[:8])
 
@@ -192,7 +196,7 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(make, monkeyp
         real = getattr(dist, name)
         monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: (
             events.append((_name, {f.name for f in traceback.extract_stack()})), _real(*a, **k))[1])
-    with loop.Preemption() as preempt, HostReads():
+    with Preemption() as preempt, HostReads():
         assert t.loop(preempt)
     per_step = ("log_step", "evaluate", "save", "finalize", "all_reduce_max")  # log / eval / checkpoint steps
     outside = [(kind, stack) for kind, stack in events if not stack & set(per_step)]
@@ -210,20 +214,20 @@ def test_steps_between_log_steps_read_nothing_back_from_the_device(make, monkeyp
 
 def test_epoch_order_is_a_seeded_permutation_that_advances_the_epoch(make, tmp_path):
     t = make()
-    order = t.epoch_order().copy()
+    order = t.current_order().copy()
     assert len(t.train_ds) == N_TRAIN and sorted(order.tolist()) == list(range(N_TRAIN))
     assert np.array_equal(order, epoch_order(N_TRAIN, 0, 0, t.train_ds.lengths, t.tc.bucket_block))
     t.orders.clear()  # recomputed: same epoch and seed, same order
-    assert np.array_equal(t.epoch_order(), order)
+    assert np.array_equal(t.current_order(), order)
     other = make(out=tmp_path / "other")  # a second trainer with the same seed
-    assert np.array_equal(other.epoch_order(), order)
+    assert np.array_equal(other.current_order(), order)
     assert not np.array_equal(epoch_order(N_TRAIN, 0, 1, t.train_ds.lengths, t.tc.bucket_block), order)
 
     t.state.position = N_TRAIN // 8 * 8 - 8  # the last full global batch of the epoch still fits
-    assert np.array_equal(t.epoch_order(), order) and (t.state.epoch, t.state.position) == (0, 80)
+    assert np.array_equal(t.current_order(), order) and (t.state.epoch, t.state.position) == (0, 80)
     t.train_step()
     assert (t.state.step, t.state.epoch, t.state.position) == (1, 0, 88)
-    nxt = t.epoch_order().copy()  # 88 + 8 > 90: the 2 leftover rows are skipped, epoch 1 starts
+    nxt = t.current_order().copy()  # 88 + 8 > 90: the 2 leftover rows are skipped, epoch 1 starts
     assert (t.state.epoch, t.state.position) == (1, 0)
     assert sorted(nxt.tolist()) == list(range(N_TRAIN)) and not np.array_equal(nxt, order)
     assert np.array_equal(nxt, epoch_order(N_TRAIN, 1, 0, t.train_ds.lengths, t.tc.bucket_block))
@@ -240,7 +244,7 @@ def test_train_batches_are_the_global_orders_steps_with_or_without_loader_worker
     t.state.position = 64
 
     def expected():
-        order = t.epoch_order()
+        order = t.current_order()
         return [collate(t.train_ds, micro_batch(order, t.state.position, m, 0, 1, 4), t.pad_id) for m in range(2)]
 
     def same(a, b):
@@ -255,7 +259,7 @@ def test_train_batches_are_the_global_orders_steps_with_or_without_loader_worker
         host = t.train_batches()
         seen.append((t.state.epoch, t.state.position))
         assert same(host, expected()), seen[-1]
-        t.state.position += t.G
+        t.state.position += t.global_batch
     assert seen == [(0, 64), (0, 72), (0, 80), (1, 0), (1, 8), (1, 40), (1, 48)]
     assert torch.equal(torch.get_rng_state(), rng)
     assert type(t.batches).__name__ == ("_MultiProcessingDataLoaderIter" if workers else "_SingleProcessDataLoaderIter")
@@ -424,9 +428,19 @@ def test_finalize_writes_best_or_last_weights_and_the_summary(make, select_best,
     with open(os.path.join(final, "train_summary.json")) as f:
         summary = json.load(f)
     assert (summary["steps"], summary["epochs"], summary["best_step"], summary["world_size"],
-            summary["strategy"]) == (2, 0, eval_at, 1, "none")
+            summary["strategy"]) == (2, 1, eval_at, 1, "none")  # epochs: a count (the one epoch begun)
+    assert summary["epoch_progress"] == pytest.approx(16 / 88, abs=1e-4) and summary["stop_reason"] == "completed"
     assert summary["best_metric"] == t.state.best_metric and (summary["best_metric"] is None) == (eval_at is None)
     assert not os.path.exists(final + ".tmp")
+    card = open(os.path.join(final, "README.md")).read()  # the model card: what it reads, predicts, scored
+    for text in ("`Recommended IND`", "text: `Title`, `Review Text`", "numeric: `Rating`, `Age`",
+                 "categorical: `Division Name`", f"fusion: `{t.spec.fusion}`", 'mmbert.load("PATH")',
+                 "model.predict(df)"):
+        assert text in card, text
+    assert ("| roc_auc |" in card and "(step 1, the selected evaluation)" in card) == (eval_at == 1 and select_best)
+    from mmbert.artifact import validate_model_dir
+
+    validate_model_dir(final)  # the card is no part of the digest: the folder opens
 
 
 # ----------------------------------------------------------------------------- TrainState
@@ -449,8 +463,6 @@ def test_preemption_handlers_are_the_callers_again_after_the_loop():
     the process's own handlers are back (SIGTERM ends it again)."""
     import signal
 
-    from mmbert.training.loop import Preemption
-
     before = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
     with Preemption() as p:
         assert all(signal.getsignal(sig) == p._handler for sig in Preemption.SIGNALS)
@@ -458,3 +470,105 @@ def test_preemption_handlers_are_the_callers_again_after_the_loop():
         assert p.requested and p.signal_name == "SIGUSR1"
     assert {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS} == before
 
+
+
+# ----------------------------------------------------------------------------- forward_backward / optimizer_step
+
+def test_train_step_is_forward_backward_then_optimizer_step(make, tmp_path):
+    """forward_backward leaves gradients and no update; optimizer_step applies them, advances the lr schedule
+    and clears them; together they are train_step (the same loss and weights as a twin trainer's train_step)."""
+    t, twin = make(batch_size=4, grad_accum=2), make(out=tmp_path / "twin", batch_size=4, grad_accum=2)
+    assert_same_weights(weights(t.model), weights(twin.model))
+    before, lr0 = weights(t.model), t.scheduler.get_last_lr()
+    rng = torch.get_rng_state()
+    host = t.train_batches()
+    loss_sum, denom = t.forward_backward(host)
+    assert all(p.grad is not None for p in t.params) and float(denom) == 8.0
+    assert_same_weights(weights(t.model), before)
+    assert t.scheduler.get_last_lr() == lr0 and t.state.step == 0
+    grad_norm = t.optimizer_step()
+    assert float(grad_norm) > 0 and all(p.grad is None for p in t.params)
+    assert any(not torch.equal(v, before[k]) for k, v in weights(t.model).items())
+    assert t.scheduler.get_last_lr() != lr0
+    torch.set_rng_state(rng)  # the same dropout masks
+    st = twin.train_step()
+    assert float(st.loss_sum / st.denom) == pytest.approx(float(loss_sum / denom), rel=1e-6)
+    for k, v in weights(twin.model).items():
+        torch.testing.assert_close(v, weights(t.model)[k], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- run visibility
+
+def test_without_a_terminal_rank0_prints_a_progress_line_every_log_step(make, capsys):
+    t = make(max_steps=4, log_every=2, progress=True, eval_each_epoch=False, select_best=False)
+    assert t.run() == os.path.join(t.out, "final")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    pattern = (r"step (\d+)/4 \| epoch 1/1 \| loss \d+\.\d{4} \| lr enc \d\.\de[-+]\d\d head \d\.\de[-+]\d\d \| "
+               r"\d+\.\d samples/s \| ETA \d+s")
+    assert len(lines) == 2 and all(re.fullmatch(pattern, ln) for ln in lines), lines
+    assert [re.match(r"step (\d+)", ln).group(1) for ln in lines] == ["2", "4"]
+    train = [r for r in records(t.out) if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:  # both groups' learning rates; `lr` stays the first group's (the head's)
+        assert r["lr_encoder"] == pytest.approx(1e-3 * (1 - r["step"] / 4))
+        assert r["lr_head"] == pytest.approx(5e-3 * (1 - r["step"] / 4)) and r["lr"] == r["lr_head"]
+
+
+def test_progress_false_prints_no_progress_lines(make, capsys):
+    t = make(max_steps=2, log_every=1, progress=False, eval_each_epoch=False, select_best=False)
+    t.run()
+    assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+
+
+def test_progress_line_and_durations():
+    from mmbert.training.progress import format_duration, progress_line
+
+    assert [format_duration(s) for s in (0, 42, 312, 3780, 86400)] == ["0s", "42s", "5m12s", "1h03m", "24h00m"]
+    assert progress_line(40, 600, 1, 1, 0.41234, {"encoder": 4.1e-5, "head": 8.2e-4}, 18.31, 312) == (
+        "step 40/600 | epoch 1/1 | loss 0.4123 | lr enc 4.1e-05 head 8.2e-04 | 18.3 samples/s | ETA 5m12s")
+
+
+# ----------------------------------------------------------------------------- train.max_time
+
+def test_the_stop_flag_is_agreed_one_boundary_later_and_a_signal_outranks_the_time_limit(env):
+    with Preemption() as p:
+        p.request_stop()
+        assert p.agreed() is None and p.agreed() == "max_time"
+        p._handler(15, None)
+        assert p.agreed() == "max_time" and p.agreed() == "signal"
+
+
+def test_time_limit_keeps_room_for_the_agreed_step_and_the_checkpoint(monkeypatch):
+    from mmbert.training import preemption
+
+    clock = [1000.0]
+    monkeypatch.setattr(preemption.time, "time", lambda: clock[0])
+    limit = preemption.TimeLimit(100.0, started=1000.0)
+    limit.begin(step=0)
+    clock[0] = 1070.0  # steps of 10 s: at 70 s, 70 + 2 x 10 stays below the limit, at 80 s it reaches it
+    assert not limit.near(7)
+    clock[0] = 1080.0
+    assert limit.near(8)
+    limit.saved(30.0)  # a checkpoint took 30 s: stop earlier
+    clock[0] = 1050.0
+    assert limit.near(5) and not preemption.TimeLimit(None, 1000.0).near(5)
+
+
+def test_max_time_stops_with_a_checkpoint_and_resume_auto_finishes(make, tmp_path, caplog):
+    out = tmp_path / "run"
+    t = make(out=out, max_steps=100_000, max_time="1s", eval_each_epoch=False, select_best=False)
+    logging.getLogger("mmbert").addHandler(caplog.handler)  # the run's logger does not propagate
+    try:
+        assert t.run() is None
+    finally:
+        logging.getLogger("mmbert").removeHandler(caplog.handler)
+    stop = t.state.step
+    assert 0 < stop < 100_000 and not os.path.exists(out / "final")
+    assert os.path.isfile(out / "checkpoints" / f"step_{stop}" / "COMPLETE")
+    assert any(f"stopped at step {stop}" in m and "train.max_time (1s)" in m and "--resume auto" in m
+               for m in caplog.messages), caplog.messages
+    resumed = make(out=out, resume="auto", max_steps=stop + 2, eval_each_epoch=False, select_best=False)
+    assert resumed.state.step == stop
+    assert resumed.run() == str(out / "final")
+    with open(out / "final" / "train_summary.json") as f:
+        assert json.load(f)["steps"] == stop + 2

@@ -19,7 +19,15 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
     out = []
     for (is_encoder, no_decay), params in sorted(groups.items()):
         out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-                    "lr": lr if is_encoder else (head_lr or lr)})
+                    "lr": lr if is_encoder else (head_lr or lr), "role": "encoder" if is_encoder else "head"})
+    return out
+
+
+def lr_by_role(optimizer, lrs: list[float]) -> dict[str, float]:
+    """{"encoder": lr, "head": lr} of the groups' current lrs (`lrs`, the scheduler's last), one per role."""
+    out: dict[str, float] = {}
+    for g, lr in zip(optimizer.param_groups, lrs):
+        out.setdefault(g.get("role", "head"), lr)
     return out
 
 

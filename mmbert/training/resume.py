@@ -31,8 +31,8 @@ log = logging.getLogger("mmbert")
 FROZEN_SECTIONS = ("data", "model")
 FROZEN_TRAIN_KEYS = ("seed", "bucket_by_length", "bucket_block", "metric", "metric_mode")
 # Keys that say where and how to run, not what: never compared.
-RUN_CONTROL_KEYS = ("output_dir", "resume", "resume_data_changed", "overwrite", "progress_bar", "num_threads",
-                    "num_workers", "report_to")
+RUN_CONTROL_KEYS = ("output_dir", "resume", "resume_data_changed", "overwrite", "progress_bar", "progress",
+                    "max_time", "num_threads", "num_workers", "report_to")
 
 
 def _frozen(key: str) -> bool:

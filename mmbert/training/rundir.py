@@ -168,3 +168,26 @@ def claim_output_dir(out: str, cfg: Config, rank: int, device) -> OutputLock:
         raise problem or ConfigError(f"rank 0 refused output directory {out} (see its error)")
     dist.barrier()
     return lock
+
+
+# ----------------------------------------------------------------------------- room on disk
+
+MIN_FREE = 8 * 2**20  # below this not even the config and logs fit; check_checkpoint_room sizes the real need
+
+
+def prepare_output_dir(out: str, cfg: Config, env) -> OutputLock:
+    """Collective: a writable directory with room, locked for this run, holding no other run's state."""
+    probe_writable(out, env.rank)
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE:
+        raise ConfigError(f"output directory {out} has only {free / 2**20:.0f} MiB free; checkpoints need more")
+    return claim_output_dir(out, cfg, env.rank, env.device)
+
+
+def check_checkpoint_room(out: str, model):
+    """Before step 1: room for one checkpoint (weights + two AdamW moments, fp32) and one model folder."""
+    need = 4 * 4 * sum(p.numel() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(f"output directory {out} has {free / 2**20:.0f} MiB free; a checkpoint and a model of "
+                          f"this size need ~{need / 2**20:.0f} MiB")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 import yaml
@@ -23,6 +23,7 @@ from ..distributed.env import DistEnv
 from ..ensemble import ENSEMBLE_FILE, write_ensemble
 from ..errors import ConfigError
 from .resume import config_changes
+from .rundir import clear_run_state, run_state
 
 log = logging.getLogger("mmbert")
 
@@ -61,8 +62,6 @@ def claim_parent(out: str, cfg: Config, env: DistEnv):
     """OUTPUT holds members and ensemble.json only: a single run's state there is refused (or, with
     --overwrite, deleted), and an earlier ensemble.json is removed first, so an interrupted command never
     leaves one naming another command's members."""
-    from .rundir import clear_run_state, run_state
-
     state = [n for n in run_state(out) if n != ENSEMBLE_FILE] if os.path.isdir(out) else []
     if state and not cfg.train.overwrite:
         raise ConfigError(f"output directory {out} holds a single run's state ({', '.join(state[:4])}); train.py "
@@ -82,10 +81,9 @@ def claim_parent(out: str, cfg: Config, env: DistEnv):
     dist.barrier()
 
 
-def train_members(cfg: Config, env: DistEnv) -> Optional[str]:
-    """Train (or keep) every member, then write ensemble.json; None when a member was preempted."""
-    from .loop import train_in
-
+def train_members(cfg: Config, env: DistEnv, train_one: Callable[[Config], Optional[str]]) -> Optional[str]:
+    """Train (or keep) every member with `train_one(member config)` (one run in its locked directory: the
+    training loop's), then write ensemble.json; None when a member stopped early."""
     out, seeds = cfg.train.output_dir, cfg.train.seeds
     claim_parent(out, cfg, env)
     members = []
@@ -96,8 +94,8 @@ def train_members(cfg: Config, env: DistEnv) -> Optional[str]:
                      mc.train.output_dir)
         else:
             log.info("ensemble member %d/%d: seed %d -> %s", i, len(seeds), seed, mc.train.output_dir)
-            if train_in(mc, env) is None:
-                log.warning("ensemble member %s was preempted: rerun the same command with --resume auto", seed)
+            if train_one(mc) is None:
+                log.warning("ensemble member %s stopped early: rerun the same command with --resume auto", seed)
                 return None
         members.append({"dir": os.path.join(f"seed_{seed}", "final"), "seed": seed})
     if env.is_main:

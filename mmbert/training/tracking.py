@@ -1,8 +1,8 @@
 """Experiment tracking (`train.report_to`): every record of metrics.jsonl also goes to TensorBoard,
 Weights & Biases and/or MLflow, on rank 0 only.
 
-Training records become `train/<field>` scalars (train/loss, train/lr, train/grad_norm, train/samples_per_s,
-train/tokens_per_s, ...), evaluation records (`"split": "val"`) `val/<metric>` for every finite numeric metric
+Training records become `train/<field>` scalars (train/loss, train/lr, train/lr_encoder, train/lr_head,
+train/grad_norm, train/samples_per_s, train/tokens_per_s, ...; `lr` is the first parameter group's, the head's), evaluation records (`"split": "val"`) `val/<metric>` for every finite numeric metric
 (None, lists and dicts such as the confusion matrix are skipped); the record's `step` is the global step.
 A tracker never stops or hangs a run: one that is not installed, fails to start or fails to log is reported
 in one warning line and dropped, and training goes on.

@@ -25,7 +25,8 @@ from .errors import ArtifactError, ConfigError, DataError
 
 
 class Predictor:
-    """Scores raw rows (a pandas DataFrame holding the training columns; the label column may be absent)
+    """Scores raw rows (a pandas DataFrame holding the training columns, or the path of a data file or folder
+    holding them; the label column may be absent)
     with the preprocessing and tokenizer the model was trained with."""
 
     def __init__(self, score: Callable[[dict], Any], pre, tokenizer, metadata: dict):
@@ -59,7 +60,7 @@ class Predictor:
         from .data.tokenize import pad_id
         from .serving import score_dataset
 
-        df = _frame(rows)
+        df = self._rows(rows)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         k = self._pre.num_outputs
@@ -79,7 +80,7 @@ class Predictor:
         if self.task == "regression":
             raise ConfigError(f"{self.metadata['path']} is a regression model: it has no class probabilities "
                               f"(predict() gives the predicted '{self._pre.label_column}')")
-        df = _frame(rows)
+        df = self._rows(rows)
         probs = self.scores(df, batch_size)
         return pd.DataFrame(probs, index=df.index, columns=self.classes) if as_pandas else probs
 
@@ -87,7 +88,7 @@ class Predictor:
         """The most probable class of each row, in the label's original values, or a regression's predicted
         target in its original units (a Series named after the label column, with the rows' index; an array
         with as_pandas=False)."""
-        df = _frame(rows)
+        df = self._rows(rows)
         scores = self.scores(df, batch_size)
         if self.task == "regression":
             values = scores[:, 0]
@@ -96,6 +97,19 @@ class Predictor:
         if as_pandas:
             return pd.Series(values, index=df.index, name=self._pre.label_column)
         return values
+
+    def _rows(self, rows) -> pd.DataFrame:
+        """A table's rows as given, or read from a data file or folder (load_table: CSV/TSV/Parquet/JSONL,
+        save_to_disk, hub:NAME) with the id column read as text, as evaluation reads it."""
+        if not isinstance(rows, (str, os.PathLike)):
+            return _frame(rows)
+        from .data.io import HUB_PREFIX, load_table
+
+        path = os.fspath(rows)
+        if not (os.path.exists(path) or path.startswith(HUB_PREFIX)):
+            raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns) or "
+                            f"the path of a data file or folder: {path[:80]!r} is neither")
+        return _frame(load_table(path, [self._pre.id_column] if self._pre.id_column else []))
 
     def __repr__(self):
         m = self.metadata
@@ -141,10 +155,10 @@ def _read_json(path: str) -> Optional[dict]:
     return v if isinstance(v, dict) else None
 
 
-def _load_export(path: str, threads: Optional[int]) -> Predictor:
+def _load_export(path: str, num_threads: Optional[int]) -> Predictor:
     from .serving import OnnxScorer
 
-    s = OnnxScorer(path, threads=threads)
+    s = OnnxScorer(path, threads=num_threads)
     if s.task != s.preprocessor.task:
         raise ArtifactError(f"{s.path}: the graph's output '{s.output}' is a {s.task} model's but preprocessing.json "
                             f"beside it is a {s.preprocessor.task}'s")
@@ -180,11 +194,11 @@ def _load_model_dir(path, trust_remote_code: bool, device: Optional[str]) -> Pre
 
 
 def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
-         threads: Optional[int] = None) -> Predictor:
+         num_threads: Optional[int] = None) -> Predictor:
     """A Predictor for `path`: a trained model directory (RUN/final or RUN/best; a run's output directory
     means its final/), scored with PyTorch on `device` (default cpu); a list of them, or a folder with
     ensemble.json (train.py --seeds), as one ensemble averaging their probabilities; or an export
-    (export.py's folder, or one of its .onnx files), scored with onnxruntime on `threads` threads."""
+    (export.py's folder, or one of its .onnx files), scored with onnxruntime on `num_threads` threads."""
     from .ensemble import ENSEMBLE_FILE
 
     if isinstance(path, (list, tuple)):
@@ -194,13 +208,13 @@ def load(path, trust_remote_code: bool = False, device: Optional[str] = None,
         return _load_model_dir([os.fspath(p) for p in path], trust_remote_code, device)
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".onnx"):
-        return _load_export(path, threads)
+        return _load_export(path, num_threads)
     if not os.path.isdir(path):
         raise ArtifactError(f"no model at {path}: give a trained model directory (RUN/final) or an export folder")
     if os.path.isfile(os.path.join(path, "model_spec.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
         return _load_model_dir(path, trust_remote_code, device)
     if os.path.isfile(os.path.join(path, "model.onnx")):
-        return _load_export(path, threads)
+        return _load_export(path, num_threads)
     if os.path.isfile(os.path.join(path, ENSEMBLE_FILE)) or os.path.isfile(os.path.join(path, "final", "model_spec.json")):
         return _load_model_dir(path, trust_remote_code, device)  # ensemble.resolve_model_dirs: members / final/
     raise ArtifactError(f"{path} is neither a model directory (model_spec.json + model.safetensors), an export "
@@ -250,6 +264,58 @@ def _logging_state() -> dict:
             for lg in [logging.getLogger(), *ours, *others]}
 
 
+def _data_path(data, what: str):
+    """data= of train / evaluate: a path as given; a DataFrame or datasets.Dataset as the path of its rows
+    written once as Parquet (without the index) in the frames cache."""
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return data
+    if type(data).__module__.startswith("datasets.") and hasattr(data, "to_pandas"):  # a Dataset, not a dict
+        data = data.to_pandas()
+    if not isinstance(data, pd.DataFrame):
+        raise ConfigError(f"{what}: data must be a file or folder path, a pandas DataFrame or a datasets.Dataset "
+                          f"(a DatasetDict: save_to_disk it and give the folder), got {type(data).__name__}")
+    return _frame_file(data, what)
+
+
+def _frame_file(df: pd.DataFrame, what: str) -> str:
+    """FRAMES/<sha256 of the Parquet bytes>.parquet beside the datasets cache: the same rows give the same file,
+    so every rank of a launch names one file, and each writes it atomically (temporary file, then rename)."""
+    import hashlib
+    import io
+
+    from .data.io import _cache_dir
+    from .fsutil import mkstemp
+
+    if len(df) == 0 or len(df.columns) == 0:
+        raise DataError(f"{what}: the DataFrame has no {'rows' if len(df.columns) else 'columns'}")
+    df = df.rename(columns=str)
+    dup = list(dict.fromkeys(df.columns[df.columns.duplicated()]))
+    if dup:
+        raise DataError(f"{what}: column {dup[0]!r} appears more than once in the DataFrame: rename or drop it")
+    buf = io.BytesIO()
+    try:
+        df.to_parquet(buf, index=False)
+    except Exception as e:  # pyarrow's conversion errors (mixed types in a column ...) come in several types
+        why = "; ".join(str(a).splitlines()[0] for a in e.args) or type(e).__name__  # pyarrow: (cause, column)
+        raise DataError(f"{what}: the DataFrame cannot be stored as Parquet: {why[:300]} (give each column one "
+                        f"type, e.g. df[column].astype(str))") from None
+    raw = buf.getvalue()
+    folder = os.path.join(os.path.dirname(_cache_dir().rstrip(os.sep)), "frames")
+    path = os.path.join(folder, hashlib.sha256(raw).hexdigest() + ".parquet")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: no stray temporary file
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return path
+
+
 @dataclass
 class TrainResult:
     output_dir: str
@@ -258,38 +324,57 @@ class TrainResult:
     metrics_file: str  # OUTPUT/metrics.jsonl: every logged step and evaluation
 
 
-def _config(config, options: dict, overrides: Optional[dict]):
-    from .cli import SHORTCUTS
-    from .config import Config, load_config
+def load_train_config(path: Optional[str] = None, overrides: Optional[list] = None,
+                      base: Optional[dict] = None):
+    """load_config for a training run (train.py and mmbert.train): when the config names no role column, column
+    inference (mmbert/data/infer.py) fills the roles in from the train split before the role rules run."""
+    from .config import read_config
+    from .data.infer import complete_config
 
-    pairs = []
+    cfg, explicit = read_config(path, overrides, base)
+    cfg = complete_config(cfg, explicit, frozenset(key for key, _ in overrides or []))
+    cfg.validate()
+    return cfg
+
+
+def _config(config, options: dict, overrides: Optional[dict]):
+    """The run's config: `config` (a YAML path, a packaged config's name, a dict of sections or a Config), then
+    `overrides` (dotted keys, as --set), then `options` (the flags' Python names), as the command line orders them."""
+    from .config import Config, flatten
+    from .settings import by_name, unknown_keyword_message
+
+    names, pairs = by_name(Config), list((overrides or {}).items())
     for name, value in options.items():
-        if name == "overwrite":
-            pairs.append(("train.overwrite", bool(value)))
-        elif name in SHORTCUTS:
-            pairs.append((SHORTCUTS[name][0], value))
-        else:
-            raise ConfigError(f"mmbert.train: unknown option '{name}' (options: {', '.join(sorted(SHORTCUTS))}, "
-                              f"overwrite; any other key through overrides={{'section.key': value}})")
-    pairs += list((overrides or {}).items())
-    if isinstance(config, Config):
-        config = config.to_dict()
+        if name not in names:
+            raise ConfigError(unknown_keyword_message(name, Config, "mmbert.train")
+                              + " (every config key is an option: docs/CONFIGURATION.md)")
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        pairs.append((names[name].key, names[name].python_value(value)))
+    if isinstance(config, Config):  # what differs from the defaults counts as given (for column inference)
+        default = flatten(Config().to_dict())
+        pairs = [(k, v) for k, v in flatten(config.to_dict()).items() if default.get(k) != v] + pairs
+        config = {}
     if isinstance(config, dict):
-        return load_config(None, pairs, base=config)
+        return load_train_config(None, pairs, base=config)
     if config is not None and not isinstance(config, (str, os.PathLike)):
         raise ConfigError(f"mmbert.train: config must be a YAML path, a packaged config name, a dict or a Config, "
                           f"got {type(config).__name__}")
-    return load_config(os.fspath(config) if config else None, pairs)
+    return load_train_config(os.fspath(config) if config else None, pairs)
 
 
 def train(config: Union[str, dict, Any, None] = None, overrides: Optional[dict] = None, **options) -> TrainResult:
     """Train as train.py does (one process, or every rank of a torchrun / accelerate / srun launch).
 
     config: a YAML file, the name of a packaged config (e.g. "womens_clothing"), a dict of sections or a Config.
-    options: train.py's flags by their Python names, e.g. output_dir="runs/x", max_steps=50, epochs=2,
-    resume="auto", overwrite=True, strategy="fsdp". overrides: any other key, {"train.lr": 1e-4, ...}."""
+    options: every config key by its flag's Python name (docs/CONFIGURATION.md), e.g. output_dir="runs/x",
+    max_steps=50, lr=1e-4, label="y", text_columns=["title", "body"], resume="auto", overwrite=True,
+    cache=False; they win over overrides, dotted keys: {"train.lr": 1e-4, ...}.
+    data: a file or folder, or a pandas DataFrame / datasets.Dataset; with label="COLUMN" and no config, the
+    column roles are inferred from the train split (printed as a table)."""
     from .training.loop import train as run_training
 
+    if "data" in options:
+        options = {**options, "data": _data_path(options["data"], "mmbert.train")}
     cfg = _config(config, options, overrides)
     with _process_state_kept():
         final = run_training(cfg)
@@ -312,42 +397,58 @@ class EvalResult:
     importance: Optional[dict] = None  # importance=True: what importance.json holds (None on ranks > 0)
 
 
-def _argv(options: dict) -> list[str]:
-    argv = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, (list, tuple)):  # several values (model_dir=[a, b]: an ensemble)
-            argv += [flag, *(os.fspath(v) for v in value)]
-        elif value is True:
-            argv.append(flag)
-        elif value is not None and value is not False:  # 0 is a value (and refused as the CLI refuses it)
-            argv += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
-    return argv
-
-
-def evaluate(model_dir: Optional[str] = None, output_dir: Optional[str] = None, **options) -> EvalResult:
-    """evaluate.py as a function: options are its flags by Python name (data=, split="test", indices=,
-    onnx=, id_column=, batch_size=, max_rows=, no_plots=True, importance=True, importance_rows= ...).
-    Returns the files, the metrics and (importance=True) the permutation importance."""
-    from .cli import parse_eval_args
+def evaluate(model_dir=None, output_dir: Optional[str] = None, **options) -> EvalResult:
+    """evaluate.py as a function: options are its flags by Python name (docs/CONFIGURATION.md: data=,
+    split="test", indices=, onnx=, id_column=, batch_size=, max_eval_rows=, plots=False, progress=False,
+    importance=True, importance_rows= ...). Returns the files, the metrics and (importance=True) the
+    permutation importance."""
     from .evaluation.importance import IMPORTANCE_JSON
+    from .evaluation.options import EvalOptions
     from .evaluation.run import PREDICTIONS
     from .evaluation.run import evaluate as run_evaluation
+    from .settings import by_name, unknown_keyword_message
 
     if output_dir is None:
         raise ConfigError("mmbert.evaluate: output_dir is required (the prediction files and metrics go there)")
-    args = parse_eval_args(_argv({"model_dir": model_dir, "output_dir": output_dir, **options}), "mmbert.evaluate")
+    unknown = [name for name in options if name not in by_name(EvalOptions)]
+    if unknown:
+        raise ConfigError(unknown_keyword_message(unknown[0], EvalOptions, "mmbert.evaluate"))
+    if "data" in options:
+        options = {**options, "data": _data_path(options["data"], "mmbert.evaluate")}
+    opts = EvalOptions(model_dir=[] if model_dir is None else model_dir, output_dir=output_dir, **options)
+    opts = opts.resolved("mmbert.evaluate")
     with _process_state_kept():
-        metrics = run_evaluation(args)
-    importance = _read_json(os.path.join(output_dir, IMPORTANCE_JSON)) if args.importance and metrics else None
-    return EvalResult(output_dir, os.path.join(output_dir, PREDICTIONS), metrics, importance)
+        metrics = run_evaluation(opts)
+    importance = _read_json(os.path.join(opts.output_dir, IMPORTANCE_JSON)) if opts.importance and metrics else None
+    return EvalResult(opts.output_dir, os.path.join(opts.output_dir, PREDICTIONS), metrics, importance)
 
 
-def export_onnx(model_dir: str, output: str, **options) -> dict:
-    """export.py as a function (not `export`: that name is the mmbert.export package): quantize="int8", opset=, exporter=, data=, rows=, tolerance=, int8_tolerance=.
-    Returns the export report (files, exporter, opset, verification, int8 drift)."""
-    from .cli import export_options
+# export.py's options by their flags' Python names (tolerance is export's atol)
+EXPORT_OPTIONS = ("quantize", "opset", "exporter", "data", "rows", "tolerance", "int8_tolerance", "debug")
+
+
+def _export_options(options: dict) -> dict:
+    """export's keyword arguments from the flags' Python names, checked; None means the default."""
+    from .settings import closest
+
+    unknown = sorted(set(options) - set(EXPORT_OPTIONS))
+    if unknown:
+        near = closest(unknown[0], EXPORT_OPTIONS)
+        raise ConfigError(f"export: unknown option '{unknown[0]}'" + (f": did you mean {near}?" if near else "")
+                          + f" (options: {', '.join(sorted(EXPORT_OPTIONS))})")
+    if options.get("int8_tolerance") is not None and not options["int8_tolerance"] >= 0:
+        raise ConfigError(f"export: --int8-tolerance must be >= 0, got {options['int8_tolerance']:g}")
+    out = {k: v for k, v in options.items() if v is not None}
+    if "tolerance" in out:
+        out["atol"] = out.pop("tolerance")
+    return out
+
+
+def export_onnx(model_dir, output_dir: str, **options) -> dict:
+    """export.py as a function (not `export`: that name is the mmbert.export package): the export folder
+    output_dir (a path ending in .onnx names the file); quantize="int8", opset=, exporter=, data=, rows=,
+    tolerance=, int8_tolerance=. Returns the export report (files, exporter, opset, verification, int8 drift)."""
     from .export import onnx
 
     with _process_state_kept():
-        return onnx.export_onnx(model_dir, output, **export_options(options))
+        return onnx.export_onnx(model_dir, output_dir, **_export_options(options))

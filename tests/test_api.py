@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import subprocess
 import sys
 
@@ -63,12 +62,12 @@ def test_predict_gives_the_training_labels(trained):
 @pytest.mark.slow
 def test_evaluate_agrees_with_the_predictor(trained):
     work, run, df = trained
-    res = mmbert.evaluate(run.model_dir, output_dir=str(work / "eval"), split="val", no_plots=True, no_progress=True)
+    res = mmbert.evaluate(run.model_dir, output_dir=str(work / "eval"), split="val", plots=False, progress=False)
     assert res.metrics["n"] == 50 and 0 <= res.metrics["roc_auc"] <= 1
     files = pd.read_csv(res.predictions, sep="\t", dtype={"review_id": str})
     rows = df.loc[files["row"]]
     assert files["review_id"].tolist() == rows["review_id"].tolist()
-    np.testing.assert_allclose(files["prob"], mmbert.load(run.model_dir).predict_proba(rows)["yes"], atol=1e-6)
+    np.testing.assert_allclose(files["prob_yes"], mmbert.load(run.model_dir).predict_proba(rows)["yes"], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -97,10 +96,11 @@ def test_mmbert_predict_command(trained):
                             "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr
         got = pd.read_csv(out, dtype={"review_id": str})
-        assert list(got.columns) == ["row", "review_id", "prob", "pred"] and got["row"].tolist() == list(range(40))
+        assert list(got.columns) == ["row", "review_id", "prob_no", "prob_yes", "pred"]
+        assert got["row"].tolist() == list(range(40))
         assert got["review_id"].tolist() == df["review_id"].iloc[:40].tolist()
         ref = mmbert.load(run.model_dir).predict_proba(df.iloc[:40])["yes"].to_numpy()
-        np.testing.assert_allclose(got["prob"], ref, atol=1e-4)
+        np.testing.assert_allclose(got["prob_yes"], ref, atol=1e-4)
         assert got["pred"].tolist() == np.where(ref > 0.5, "yes", "no").tolist()
 
 
@@ -120,7 +120,7 @@ def test_new_rows_need_no_id_and_keep_their_index(trained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmbert", "predict", run.model_dir, "--data", str(tmp_path / "noid.csv"),
                         "--output", str(tmp_path / "p.tsv")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert list(pd.read_csv(tmp_path / "p.tsv", sep="\t").columns) == ["row", "prob", "pred"]
+    assert list(pd.read_csv(tmp_path / "p.tsv", sep="\t").columns) == ["row", "prob_no", "prob_yes", "pred"]
     r = subprocess.run([sys.executable, "-m", "mmbert", "predict", run.model_dir, "--data", str(tmp_path / "noid.csv"),
                         "--output", str(tmp_path / "nodir" / "p.tsv")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist or is not writable" in r.stderr
@@ -129,9 +129,9 @@ def test_new_rows_need_no_id_and_keep_their_index(trained, tmp_path):
 @pytest.mark.slow
 def test_api_options_are_checked_as_the_command_line_checks_them(trained, tmp_path):
     work, run, _ = trained
-    with pytest.raises(ConfigError, match="--max-rows must be >= 1, got 0"):
-        mmbert.evaluate(run.model_dir, output_dir=str(tmp_path / "e"), split="val", max_rows=0)
-    with pytest.raises(ConfigError, match="unrecognized arguments: --splt"):
+    with pytest.raises(ConfigError, match="--max-eval-rows must be >= 1, got 0"):
+        mmbert.evaluate(run.model_dir, output_dir=str(tmp_path / "e"), split="val", max_eval_rows=0)
+    with pytest.raises(ConfigError, match="unknown option 'splt': did you mean split"):
         mmbert.evaluate(run.model_dir, output_dir=str(tmp_path / "e"), splt="val")
     with pytest.raises(ConfigError, match="device 'bogus' cannot be used"):
         mmbert.load(run.model_dir, device="bogus")
@@ -193,8 +193,8 @@ def test_packaged_config_resolves_its_data_from_any_directory(tmp_path, monkeypa
     assert os.path.isabs(cfg.data.path) and os.path.isfile(cfg.data.path)
     assert all(os.path.isfile(p) for p in (cfg.data.split.train_indices, cfg.data.split.test_indices))
     assert cfg.train.output_dir == "runs/womens_clothing"  # outputs stay relative to where you run
-    monkeypatch.chdir(ROOT)  # from a clone, the clone's data/ (a relative path, as before)
-    assert load_config("configs/womens_clothing.yaml").data.path == "data/womens_clothing_reviews.parquet"
+    monkeypatch.chdir(ROOT)  # from a clone, the clone's data/ (resolved to an absolute path)
+    assert load_config("configs/womens_clothing.yaml").data.path == os.path.join(ROOT, "data/womens_clothing_reviews.parquet")
     with pytest.raises(ConfigError, match="packaged configs: womens_clothing"):
         load_config("womens_clothes")
     # a directory holding only some of the paths (here the table, not the index files) never mixes the two
@@ -223,20 +223,51 @@ def test_wheel_ships_the_config_and_its_data(tmp_path):
         assert "mmbert = mmbert.cli:main" in z.read(entry).decode()
 
 
-@pytest.mark.slow
-def test_readme_python_example_runs_as_written(tmp_path):
-    """The README's train -> load -> predict example, run as written (from a folder holding the clone's data/)."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    block = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", text, re.S)
-    assert block, "README.md lost its marked Python example"
-    code = block.group(1)
-    assert len(code.strip().splitlines()) <= 5
-    os.symlink(os.path.join(ROOT, "data"), tmp_path / "data")
-    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    import ast
+def test_dataframes_are_stored_once_by_content(tmp_path, monkeypatch):
+    """data=DataFrame (or datasets.Dataset) becomes one Parquet file named by its bytes: the same rows on every
+    rank of a launch, or in a later call, name the same file; written atomically, no temporary file left."""
+    import datasets
 
-    shown = ast.literal_eval(r.stdout.strip().splitlines()[-1])  # the printed labels: as in the data, ints
-    assert len(shown) == 5 and set(shown) <= {0, 1}, r.stdout[-500:]
+    from mmbert.api import _data_path
+
+    monkeypatch.setenv("MMBERT_DATASETS_CACHE", str(tmp_path / "cache" / "datasets"))
+    from mmbert.data.io import _first_writable
+
+    _first_writable.cache_clear()
+    df = pd.DataFrame({"text": ["a b", "c d", None], 0: [1.5, 2.5, 3.5]}, index=[7, 8, 9])
+    path = _data_path(df, "mmbert.train")
+    assert os.path.dirname(path) == str(tmp_path / "cache" / "frames") and path.endswith(".parquet")
+    assert _data_path(df.copy(), "mmbert.train") == path and os.listdir(tmp_path / "cache" / "frames") == [
+        os.path.basename(path)]
+    back = pd.read_parquet(path)
+    assert list(back.columns) == ["text", "0"] and back["0"].tolist() == [1.5, 2.5, 3.5]  # no index, str names
+    assert _data_path(df.iloc[:2], "x") != path
+    assert pd.read_parquet(_data_path(datasets.Dataset.from_pandas(df.rename(columns=str), preserve_index=False), "x")).equals(back)
+    assert _data_path("some/file.csv", "x") == "some/file.csv" and _data_path(None, "x") is None
+    with pytest.raises(ConfigError, match="DatasetDict: save_to_disk it and give the folder"):
+        _data_path(datasets.DatasetDict({"train": datasets.Dataset.from_pandas(df.rename(columns=str))}), "mmbert.train")
+    with pytest.raises(DataError, match="mmbert.evaluate: the DataFrame cannot be stored as Parquet: .*column mixed"):
+        _data_path(pd.DataFrame({"mixed": [1, "x"]}), "mmbert.evaluate")
+    with pytest.raises(DataError, match="column 'a' appears more than once"):
+        _data_path(pd.DataFrame([[1, 2]], columns=["a", "a"]), "x")
+    with pytest.raises(DataError, match="the DataFrame has no rows"):
+        _data_path(df.iloc[:0], "x")
+    _first_writable.cache_clear()
+
+
+def test_predictor_scores_a_data_file(model_dir, work):
+    """predict / predict_proba / scores take the path of a data file as they take its rows."""
+    import inspect
+
+    from mmbert.data.io import load_table
+
+    model = mmbert.load(model_dir, num_threads=1)
+    path = str(work / "good.csv")
+    rows = load_table(path)
+    np.testing.assert_allclose(model.predict_proba(path), model.predict_proba(rows), atol=1e-6)
+    assert model.predict(work / "good.csv").tolist() == model.predict(rows).tolist()
+    assert model.scores(path).shape == (len(rows), 2)
+    with pytest.raises(DataError, match="must be a pandas DataFrame .* or the path of a data file"):
+        model.predict(str(work / "missing.csv"))
+    assert "num_threads" in inspect.signature(mmbert.load).parameters
+    assert "threads" not in inspect.signature(mmbert.load).parameters

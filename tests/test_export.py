@@ -90,7 +90,7 @@ def exported(make_run, workdir):
             out = str(workdir / f"onnx_{fusion}" / "model.onnx")
             if fusion == "cross_attn":
                 rep = str(workdir / "report.json")
-                r = run_cli(["export.py", "--model-dir", run, "--output", out, "--quantize", "int8", "--report", rep])
+                r = run_cli(["export.py", "--model-dir", run, "--output-dir", out, "--quantize", "int8", "--report", rep])
                 assert "int8: max |dp|" in r.stdout, r.stdout
                 with open(rep) as f:
                     report = json.load(f)
@@ -222,7 +222,7 @@ def test_model_dir_without_weights_cli(make_run, tmp_path):
     shutil.copytree(run, broken)
     os.remove(broken / "model.safetensors")
     out = tmp_path / "out" / "model.onnx"
-    r = run_cli(["export.py", "--model-dir", str(broken), "--output", str(out)], check=False)
+    r = run_cli(["export.py", "--model-dir", str(broken), "--output-dir", str(out)], check=False)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -231,16 +231,17 @@ def test_model_dir_without_weights_cli(make_run, tmp_path):
 
 
 def test_failed_verification_leaves_nothing(make_run, tmp_path, monkeypatch):
-    import mmbert.export.onnx as ox
     from mmbert.errors import ArtifactError
+    from mmbert.export import verify
+    from mmbert.export.onnx import export_onnx
 
     def bad_compare(session, model, batches):
         return [{"shape": [1], "max_abs_diff": 0.5}]
 
-    monkeypatch.setattr(ox, "compare", bad_compare)
+    monkeypatch.setattr(verify, "compare", bad_compare)
     out = tmp_path / "o" / "model.onnx"
     with pytest.raises(ArtifactError, match=r"differ from PyTorch by 0.5 > 0.0001"):
-        ox.export_onnx(make_run("tab_only"), str(out), exporter="torchscript", say=lambda _: None)
+        export_onnx(make_run("tab_only"), output_dir=str(out), exporter="torchscript", say=lambda _: None)
     assert not out.exists() and os.listdir(tmp_path / "o") == []
 
 
@@ -254,8 +255,8 @@ def test_train_export_then_evaluate_onnx_matches_torch(workdir, tiny_bert, tmp_p
     run = tmp_path / "run"
     run_cli(["train.py", "--config", cfg, "--output-dir", str(run), "--max-steps", "2", "--max-eval-rows", "16"])
     onnx_file = tmp_path / "served" / "model.onnx"
-    run_cli(["export.py", "--model-dir", str(run / "final"), "--output", str(onnx_file)])
-    common = ["--split", "test", "--max-rows", "77", "--no-plots", "--no-progress"]
+    run_cli(["export.py", "--model-dir", str(run / "final"), "--output-dir", str(onnx_file)])
+    common = ["--split", "test", "--max-eval-rows", "77", "--no-plots", "--no-progress"]
     run_cli(["evaluate.py", "--model-dir", str(run / "final"), "--output-dir", str(tmp_path / "ev_torch"), *common])
     # no --model-dir: the export folder's config.yaml, preprocessing.json and tokenizer/ serve alone
     r = run_cli(["evaluate.py", "--onnx", str(onnx_file), "--output-dir", str(tmp_path / "ev_onnx"), *common], nproc=2)
@@ -263,8 +264,9 @@ def test_train_export_then_evaluate_onnx_matches_torch(workdir, tiny_bert, tmp_p
     a = pd.read_csv(tmp_path / "ev_torch" / "predictions.tsv", sep="\t")
     b = pd.read_csv(tmp_path / "ev_onnx" / "predictions.tsv", sep="\t")
     assert len(a) == len(b) == 77 and (a["row"] == b["row"]).all() and (a["label"] == b["label"]).all()
-    assert np.abs(a["prob"] - b["prob"]).max() <= TOL
-    assert a["prob"].std() > 1e-4, "probabilities barely vary: the comparison would prove little"
+    pa, pb = a.filter(regex="^prob_").to_numpy(), b.filter(regex="^prob_").to_numpy()
+    assert pa.shape == pb.shape == (77, 2) and np.abs(pa - pb).max() <= TOL
+    assert pa[:, 1].std() > 1e-4, "probabilities barely vary: the comparison would prove little"
     ma = json.loads((tmp_path / "ev_torch" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "ev_onnx" / "metrics.json").read_text())
     assert mb["run"]["onnx"] == str(onnx_file) and mb["run"]["world_size"] == 2
@@ -342,7 +344,7 @@ def test_int8_is_the_same_on_cpus_without_vnni(make_run, tmp_path):
 def test_int8_beyond_the_tolerance_is_refused(make_run, tmp_path):
     """A tolerance no int8 model meets: one line with the measured drift and the tolerance, exit 2, no file."""
     out = tmp_path / "refused"
-    r = run_cli(["export.py", "--model-dir", make_run("cross_attn"), "--output", str(out), "--quantize", "int8",
+    r = run_cli(["export.py", "--model-dir", make_run("cross_attn"), "--output-dir", str(out), "--quantize", "int8",
                  "--int8-tolerance", "1e-9"], check=False)
     line = assert_one_line_error(r, "nothing written")
     m = re.search(r"drift from fp32 by max \|dp\| (\S+) > int8 tolerance 1e-09 ", line)
@@ -366,7 +368,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(make_run, tmp_path):
     (folder / "model_spec.json").write_text('{"mine": true}\n')
     (folder / "tokenizer" / "vocab.txt").write_text("[PAD]\nhello\n")
     before = _snapshot(folder)
-    r = run_cli(["export.py", "--model-dir", make_run("tab_only"), "--output", str(folder)], check=False)
+    r = run_cli(["export.py", "--model-dir", make_run("tab_only"), "--output-dir", str(folder)], check=False)
     assert_one_line_error(r, str(folder), "not an earlier export", "config.yaml, model_spec.json, tokenizer/")
     assert _snapshot(folder) == before and sorted(os.listdir(folder)) == ["config.yaml", "model_spec.json",
                                                                            "tokenizer"]
@@ -416,6 +418,25 @@ def test_python_tag_in_the_model_dirs_config_is_one_line(make_run, tmp_path):
     shutil.copytree(make_run("tab_only"), model)
     (model / "config.yaml").write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
     seal_model_dir(str(model))  # a hostile folder can carry a matching digest: safe_load itself must hold
-    r = run_cli(["export.py", "--model-dir", str(model), "--output", str(tmp_path / "out")], check=False)
+    r = run_cli(["export.py", "--model-dir", str(model), "--output-dir", str(tmp_path / "out")], check=False)
     assert_one_line_error(r, f"{model / 'config.yaml'} is not valid YAML")
     assert "pwned" not in r.stdout + r.stderr
+
+
+def test_output_dir_is_a_folder_unless_it_names_an_onnx_file(tmp_path):
+    """export_onnx(output_dir=): a folder gets model.onnx (even a name with a dot), a path ending in .onnx names
+    the file; the former keyword `output` still works (deprecated), both at once is refused."""
+    from mmbert.errors import ArtifactError
+    from mmbert.export.folder import resolve_output
+    from mmbert.export.run import _output_dir
+
+    model = str(tmp_path / "model")
+    for given, path in [("out", "out/model.onnx"), ("out.v2", "out.v2/model.onnx"), ("out/m.onnx", "out/m.onnx")]:
+        got, folder = resolve_output([model], str(tmp_path / given))
+        assert got == str(tmp_path / path) and folder == os.path.dirname(got)
+    with pytest.raises(ArtifactError, match="--output-dir must not be inside the model directory"):
+        resolve_output([str(tmp_path / "other"), model], os.path.join(model, "m.onnx"))
+    with pytest.warns(DeprecationWarning, match="output_dir"):
+        assert _output_dir(None, "x") == "x"
+    with pytest.raises(ArtifactError, match="give output_dir only"):
+        _output_dir("x", "y")

@@ -126,8 +126,8 @@ def test_concurrent_builders_leave_one_complete_folder(cfg_path):
 def test_cache_keys_may_change_on_resume():
     from mmbert.training.resume import config_changes
 
-    frozen, applied = config_changes({"data": {"cache": True, "cache_dir": "/a", "max_tokens": 8}},
-                                     {"data": {"cache": False, "cache_dir": "/b", "max_tokens": 8}})
+    frozen, applied = config_changes({"data": {"cache": True, "cache_dir": "/a", "num_proc": None, "max_tokens": 8}},
+                                     {"data": {"cache": False, "cache_dir": "/b", "num_proc": 4, "max_tokens": 8}})
     assert frozen == [] and applied == []
 
 
@@ -280,3 +280,144 @@ def test_loader_workers_leave_preemption_to_the_trainer_but_stop_when_told():
     p.terminate()
     p.join(10)
     assert alive and p.exitcode == -signal.SIGTERM
+
+
+# ----------------------------------------------------------------------------- num_proc and progress
+
+@pytest.fixture
+def cfg300(tiny_bert, reviews, tmp_path):
+    reviews.iloc[:300].to_csv(tmp_path / "d300.csv", index=False)
+    return write_config(tmp_path / "c300.yaml", tiny_bert, str(tmp_path / "d300.csv"),
+                        data={"cache_dir": str(tmp_path / "tok300")})
+
+
+def _build_with(cfg_path: str, cache_dir: str, num_proc, tokenizer=None):
+    from mmbert.assembly import _tokenized_splits
+    from mmbert.data.tokenize import load_tokenizer
+
+    cfg = load_config(cfg_path, [("data.cache_dir", cache_dir), ("data.num_proc", num_proc)])
+    tok = tokenizer or load_tokenizer(cfg.model.encoder)
+    return cache.cached_run_data(cfg, ENV, tok, lambda: _tokenized_splits(cfg, tok, True))
+
+
+def test_num_proc_builds_the_same_cache_byte_for_byte(cfg300, tmp_path, caplog, monkeypatch):
+    """Tokenized by 2 worker processes (contiguous shards, concatenated in order), the cache folder has the
+    same key and the same bytes as tokenized in the building process; progress lines as it goes."""
+    import logging
+
+    from mmbert.data import tokenize
+
+    monkeypatch.setattr(tokenize, "SHARD_ROWS", 16)  # 225 train rows: 15 shards, a line every 10%
+    caplog.set_level(logging.INFO, logger="mmbert")
+    metas = {n: _build_with(cfg300, str(tmp_path / f"tok{n}"), n)[2] for n in (1, 2)}
+    assert metas[1]["key"] == metas[2]["key"] and metas[1]["files"] == metas[2]["files"]
+    for n in (1, 2):
+        folder = tmp_path / f"tok{n}" / metas[n]["key"]
+        assert {f: cache.file_sha256(str(folder / f)) for f in metas[n]["files"]} == metas[1]["files"]
+    text = caplog.text
+    assert "tokenized train: 225 rows in" in text and "rows/s, 1 process)" in text and "rows/s, 2 processes)" in text
+    assert [f"tokenizing train: {p}% (" in text for p in range(10, 100, 10)] == [True] * 9
+    assert "tokenizing train: 100%" not in text and "tokenized val: 75 rows in" in text
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, caplog):
+    import io
+    import logging
+
+    from mmbert.data.tokenize import Progress
+
+    caplog.set_level(logging.INFO, logger="mmbert")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stderr, bar in ((io.StringIO(), None), (Tty(), "tqdm")):
+        monkeypatch.setattr("sys.stderr", stderr)
+        with Progress("train", 20_000, show=True) as p:
+            assert type(p.bar).__name__ == (bar or "NoneType")
+            for _ in range(10):
+                p.update(2_000)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("tokenizing train: ") for m in lines) == 9  # the non-terminal run's 10% ... 90%
+    assert lines[3].startswith("tokenizing train: 40% (8,000/20,000 rows, ") and lines[3].endswith(" rows/s)")
+    assert sum(m.startswith("tokenized train: 20,000 rows in ") for m in lines) == 2
+    with Progress("train", 100, show=False) as p:  # outside a cache build: nothing said
+        p.update(100)
+    assert len(caplog.records) == 11
+
+
+class _Picky:
+    """The real tokenizer, raising on a text with BOOM in it (as a tokenizer may on a text it cannot take)."""
+
+    def __init__(self, tok):
+        self.tok, self.parent = tok, os.getpid()
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, texts, **kw):
+        if any("BOOM" in t for t in texts):
+            raise ValueError("cannot encode BOOM\nsecond line")
+        if any("DIE" in t for t in texts) and os.getpid() != self.parent:  # as a worker the kernel killed
+            os._exit(9)
+        return self.tok(texts, **kw)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_text_the_tokenizer_fails_on_is_one_line_naming_its_row(tiny_bert, reviews, tmp_path, num_proc):
+    from mmbert.data.tokenize import load_tokenizer
+
+    df = reviews.iloc[:300].copy()
+    df.loc[df.index[137], "Review Text"] = "it went BOOM"
+    df.to_csv(tmp_path / "d.csv", index=False)
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_bert, str(tmp_path / "d.csv"), data={"split": {}})
+    with pytest.raises(cache.DataError) as e:
+        _build_with(cfg_path, str(tmp_path / "tok"), num_proc, _Picky(load_tokenizer(tiny_bert)))
+    assert str(e.value) == (f"{tmp_path / 'd.csv'}, row 137: the tokenizer failed on its text (ValueError: "
+                            f"cannot encode BOOM)")
+    assert e.value.__cause__ is None and e.value.__context__ is None  # no worker traceback behind it
+
+
+def test_num_proc_unset_uses_the_nodes_share_of_cores_for_many_rows(monkeypatch):
+    from mmbert.data import tokenize
+    from mmbert.data.tokenize import AUTO_MIN_ROWS, BuildOptions, workers_for
+
+    monkeypatch.setattr(tokenize, "available_cores", lambda: 16)
+    assert workers_for(BuildOptions(None, local_world=4), AUTO_MIN_ROWS) == 4
+    assert workers_for(BuildOptions(None, local_world=32), AUTO_MIN_ROWS) == 1
+    assert workers_for(BuildOptions(None, local_world=1), AUTO_MIN_ROWS - 1) == 1  # a pool would not pay off
+    assert workers_for(BuildOptions(3), 10) == 3 and workers_for(BuildOptions(3), 2) == 2
+    with pytest.raises(cache.ConfigError, match="data.num_proc must be at least 1"):
+        workers_for(BuildOptions(0), 10)
+
+
+def test_a_waiting_rank_says_so_once_when_the_wait_is_long(monkeypatch, caplog):
+    import logging
+    import time
+
+    monkeypatch.setattr(cache, "WAIT_NOTICE_S", 0.05)
+    lg = logging.getLogger("mmbert")
+    level = lg.level
+    lg.setLevel(logging.WARNING)  # as on a rank other than 0
+    try:
+        with cache._waiting_notice(DistEnv(3, 4, 1, 2, None, "none")):
+            time.sleep(1.0)
+        with cache._waiting_notice(DistEnv(2, 4, 0, 2, None, "none")):  # the builder itself: no line
+            time.sleep(0.2)
+    finally:
+        lg.setLevel(level)
+    assert [r.getMessage() for r in caplog.records] == [
+        "token cache: rank 3 waits for local rank 0 to build (or check) the token cache"]
+
+
+def test_a_worker_that_dies_is_one_line(tiny_bert, reviews, tmp_path):
+    from mmbert.data.tokenize import load_tokenizer
+
+    df = reviews.iloc[:300].copy()
+    df.loc[df.index[10], "Review Text"] = "DIE"
+    df.to_csv(tmp_path / "d.csv", index=False)
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_bert, str(tmp_path / "d.csv"))
+    with pytest.raises(cache.DataError, match=r"^a tokenizer worker process died \(.*\): set data.num_proc lower, "
+                                              r"or 1 to tokenize in the building process$"):
+        _build_with(cfg_path, str(tmp_path / "tok"), 2, _Picky(load_tokenizer(tiny_bert)))

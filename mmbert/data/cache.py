@@ -20,16 +20,20 @@ KEY is a digest of: the data files' bytes (also of split and index files; never 
 the folder instead of reading and tokenizing the table; any change to an input is a new key. Local rank 0
 of each node computes the key and builds a missing folder in `KEY.tmp-*`, renaming it into place (a
 concurrent builder's rename loses and is discarded); the node's other ranks wait on a collective without a
-timeout that matters, and every rank stops with the builder's error if the build fails. A folder whose
-files do not match meta.json (truncated, damaged at the same size, or written by another format) is rebuilt,
-with a warning: local rank 0 checks every file's sha256 before its node maps the folder (0.8 s for the 310 MiB
-of the 40x table of benchmarks/data_scale.py on 2 busy cores, next to its ~2 min build and 5 ms to map it
-unchecked; the node's other ranks check sizes only, and map only a folder their local rank 0 has checked or
-built). Folders and files follow the umask, so users can share a cache; a folder this user cannot read is one
-error naming it, never a rebuild.
+timeout that matters (each says so in one line once the wait passes 5 s), and every rank stops with the
+builder's error if the build fails. The builder tokenizes in `data.num_proc` worker processes (default: the
+node's cores / its local processes; contiguous shards of the rows, concatenated in order, so neither the
+folder's bytes nor its key depend on it), with progress lines on rank 0 (a bar on a terminal;
+docs/TOKEN_CACHE.md). A folder whose files do not match meta.json (truncated, damaged at the same size, or
+written by another format) is rebuilt, with a warning: local rank 0 checks every file's sha256 before its
+node maps the folder (0.8 s for the 310 MiB of the 40x table of benchmarks/data_scale.py on 2 busy cores,
+next to its ~2 min build and 5 ms to map it unchecked; the node's other ranks check sizes only, and map
+only a folder their local rank 0 has checked or built). Folders and files follow the umask, so users can
+share a cache; a folder this user cannot read is one error naming it, never a rebuild.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -38,6 +42,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -51,7 +56,7 @@ from ..errors import ConfigError, DataError, MMBertError
 from ..fsutil import mkdtemp
 from .dataset import TableDataset
 from .preprocess import Encoded, Preprocessor
-from .tokenize import Chunks
+from .tokenize import BuildOptions, Chunks, build_options
 
 log = logging.getLogger("mmbert")
 main_log = logging.getLogger("mmbert.main")
@@ -330,9 +335,10 @@ def _wait_group(env):
     return dist.new_group(backend="gloo", timeout=timedelta(days=7))
 
 
-def _read_or_build(folder: str, key: str, build: Callable[[], tuple], hint: str) -> tuple[Optional[tuple], bool]:
+def _read_or_build(folder: str, key: str, build: Callable[[], tuple], hint: str,
+                   opts: BuildOptions) -> tuple[Optional[tuple], bool]:
     """(what read_cache gives, whether it was built here): the complete folder as it is (its content
-    checked), or built now."""
+    checked), or built now (tokenized as `opts` say)."""
     existed = os.path.isdir(folder)
     if existed and not os.access(folder, os.R_OK | os.X_OK):
         raise unreadable(folder, hint)
@@ -346,7 +352,8 @@ def _read_or_build(folder: str, key: str, build: Callable[[], tuple], hint: str)
                               f"ask its owner to delete it, or {hint}")
     log.info("token cache: building %s", folder)
     t0 = time.perf_counter()
-    pre, parts, extra = build()
+    with build_options(opts):
+        pre, parts, extra = build()
     write_cache(folder, pre, parts, key, {**extra, "build_seconds": round(time.perf_counter() - t0, 3)})
     return None, True
 
@@ -363,6 +370,30 @@ def _build_error(e: BaseException, root: str, hint: str) -> str:
     return f"building the token cache in {root} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({hint})"
 
 
+WAIT_NOTICE_S = 5.0  # a wait this long is a build (or a check of a large folder): worth a line
+
+
+@contextlib.contextmanager
+def _waiting_notice(env):
+    """On a rank that waits for its node's builder: one line once the wait passes WAIT_NOTICE_S. Said at INFO
+    past the logger's level (the other ranks log warnings only): it is that rank's only sign of life."""
+    if env.local_rank == 0:
+        yield
+        return
+
+    def say():
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "token cache: rank %d waits for local rank 0 "
+                                  "to build (or check) the token cache", (env.rank,), None))
+
+    timer = threading.Timer(WAIT_NOTICE_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _agree_on(env, group, error: Optional[str], folder: Optional[str]) -> str:
     """Every rank learns whether each node's builder succeeded (all stop with the first error) and which
     folder its own node's builder (local rank 0 on the same host) made."""
@@ -375,22 +406,25 @@ def _agree_on(env, group, error: Optional[str], folder: Optional[str]) -> str:
     return leaders[0] if leaders else outcomes[0][1]
 
 
-def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple],
-               hint: str) -> tuple[Preprocessor, dict, dict]:
+def node_cache(env, root: str, key_fn: Callable[[], str], build: Callable[[], tuple], hint: str,
+               num_proc: Optional[int] = None, bar: bool = True) -> tuple[Preprocessor, dict, dict]:
     """(preprocessor, {split: mapped dataset}, meta) from the folder root/KEY. Only each node's local rank 0
     computes KEY (hashing the data files is its job alone) and, when the folder is missing or damaged, runs
-    `build()` -> (pre, {split: (TableDataset, info dict)}, extra meta) and writes it; the node's other ranks
-    wait, then every rank maps the folder, and all stop unless every rank could."""
+    `build()` -> (pre, {split: (TableDataset, info dict)}, extra meta) and writes it, tokenizing in `num_proc`
+    processes (None: the node's cores / its local processes) with progress lines (`bar`: a bar on a terminal);
+    the node's other ranks wait, then every rank maps the folder, and all stop unless every rank could."""
     group = _wait_group(env)
     error, folder, got, built = None, None, None, False
     if env.local_rank == 0:
         try:
             key = key_fn()
             folder = os.path.join(root, key)
-            got, built = _read_or_build(folder, key, build, hint)
+            opts = BuildOptions(num_proc, env.local_world_size, progress=True, bar=bar)
+            got, built = _read_or_build(folder, key, build, hint, opts)
         except Exception as e:  # any failure, also one outside our errors, must reach the waiting ranks
             error = _build_error(e, root, hint)
-    folder = _agree_on(env, group, error, folder)
+    with _waiting_notice(env):
+        folder = _agree_on(env, group, error, folder)
     problem = None
     if got is None:  # a waiting rank, or the builder after its build: local rank 0 checked or wrote the content
         try:
@@ -425,4 +459,5 @@ def cached_run_data(cfg, env, tokenizer, build: Callable[[], tuple], fitted: Opt
         return pre, {n: (ds, info[n]) for n, ds in datasets.items()}, {}
 
     return node_cache(env, cfg.data.cache_dir or default_cache_dir(), lambda: run_data_key(cfg, tokenizer, fitted),
-                      parts, hint="set data.cache_dir, or --no-cache")
+                      parts, hint="set data.cache_dir, or --no-cache", num_proc=cfg.data.num_proc,
+                      bar=cfg.train.progress)

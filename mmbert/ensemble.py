@@ -164,7 +164,7 @@ def _tokenizer_bytes(path: str) -> bytes:
     return raw
 
 
-def tokenizer_digest(model_dir: str) -> Optional[str]:
+def tokenizer_folder_digest(model_dir: str) -> Optional[str]:
     """sha256 over the tokenizer folder's files (names and bytes, tokenizer.json without its runtime state);
     None when the folder has none."""
     folder = os.path.join(model_dir, "tokenizer")
@@ -184,7 +184,7 @@ def contract_difference(first, other) -> Optional[str]:
     keys = [k for k in a if a[k] != b.get(k)]
     if keys:
         return f"its preprocessing.json differs in {', '.join(keys[:4])}"
-    if tokenizer_digest(first.path) != tokenizer_digest(other.path):
+    if tokenizer_folder_digest(first.path) != tokenizer_folder_digest(other.path):
         return "its tokenizer/ files differ"
     for key in ("task", "num_classes", "target_mean", "target_std"):
         if getattr(first.spec, key) != getattr(other.spec, key):

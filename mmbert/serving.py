@@ -168,7 +168,7 @@ class OnnxScorer:
         the keys the graph declares (`input_names`) are read; `chunk_index`, `labels`, `index` ... are
         ignored. Same scores as mmbert.models.classifier.scores(model(...)) in PyTorch to ~1e-6 (verified at
         export).
-    predict_proba(batch)     scores(batch) of a classifier; ArtifactError for a regression model
+    probabilities(batch)     scores(batch) of a classifier; ArtifactError for a regression model
 
     input_names: list[str]   graph inputs, a subset of INPUTS
     output: str              the graph's output, one of OUTPUTS
@@ -209,7 +209,7 @@ class OnnxScorer:
     def scores(self, batch: dict) -> np.ndarray:
         return self.session.run([self.output], feeds(self.session, batch))[0]
 
-    def predict_proba(self, batch: dict) -> np.ndarray:
+    def probabilities(self, batch: dict) -> np.ndarray:
         if self.task == "regression":
             raise ArtifactError(f"{self.path} is a regression model: it has no class probabilities (use scores)")
         return self.scores(batch)

@@ -146,7 +146,7 @@ def test_roundtrip_every_fusion(fusion, exported, reviews):
             assert not isinstance(dims[name][1], int) and not isinstance(dims[name][2], int)
     batches, refs = _shape_batches(run, reviews)
     for b, ref in zip(batches, refs):
-        got = scorer.predict_proba(b)
+        got = scorer.probabilities(b)
         assert got.shape == ref.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
     assert refs[-1][:, 1].std() > 1e-3, "probabilities barely vary: the comparison would prove little"

@@ -1,6 +1,6 @@
 """Bad data files through train.py and evaluate.py in real processes: missing, empty, header-only and non-UTF-8
 files, a missing column, text in a numeric column, labels outside the label map (fitted or pinned), and usable
-data with unseen categories and duplicate ids. Each stop is the user-facing contract of docs/HARDENING.md:
+data with unseen categories and duplicate ids. Each stop is the user-facing contract of docs/RELIABILITY.md:
 exit code 2, exactly one stderr line starting with `error: `, no traceback, and the file / column / row named."""
 from __future__ import annotations
 

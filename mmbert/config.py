@@ -342,7 +342,7 @@ def _anchor_packaged_paths(raw: dict, path: str):
         section[key] = os.path.join(os.path.dirname(os.path.realpath(path)), section[key])
 
 
-def _absolute_paths(raw: dict):
+def absolute_data_paths(raw: dict):
     """data.path and the split files resolve against the current directory now, so the saved config names the
     same files from anywhere (a hub: name or a URL stays as is)."""
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
@@ -378,7 +378,7 @@ def read_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, 
             hint = suggestion(key, [lf.key for lf in leaves(Config)])
             raise ConfigError(f"--set {key}: use section.key=value (sections: data, model, train, dist){hint}")
         _set_path(raw, key, value)
-    _absolute_paths(raw)
+    absolute_data_paths(raw)
     cfg = build(Config, raw)
     cfg.validate(roles=False)
     return cfg, set(flatten(raw))

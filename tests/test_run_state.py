@@ -297,3 +297,18 @@ def test_incomplete_checkpoint_is_refused_by_name(tmp_path):
     (partial / "train_state.json").write_text("{}")
     with pytest.raises(ArtifactError, match=r"step_6 is incomplete \(no COMPLETE marker\)"):
         load_checkpoint(str(partial), None, None, 0)
+
+
+def test_a_checkpoint_recording_relative_data_paths_resumes_from_the_same_directory(tmp_path, monkeypatch):
+    """Checkpoints written before configs held absolute paths record data.path as given (relative); resumed from
+    the directory they started in, that is the same file, not a changed frozen key. Elsewhere it is a change."""
+    from mmbert.training.resume import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": {"path": "data/t.csv", "split": {"train_indices": "splits/tr.txt"}}}
+    current = {"data": {"path": str(tmp_path / "data/t.csv"), "split": {"train_indices": str(tmp_path / "splits/tr.txt")}}}
+    assert config_changes(saved, current) == ([], [])
+    assert saved["data"]["path"] == "data/t.csv"  # the checkpoint's record is not touched
+    monkeypatch.chdir(tmp_path.parent)
+    frozen, _ = config_changes(saved, current)
+    assert [f.split()[0] for f in frozen] == ["data.path", "data.split.train_indices"]

@@ -16,13 +16,14 @@ files whose bytes differ from the checkpoint's are refused in one line naming th
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import DATA_CACHE_KEYS, flatten
+from ..config import DATA_CACHE_KEYS, absolute_data_paths, flatten
 from ..distributed.gather import on_rank0
 from ..errors import ConfigError, DataError
 
@@ -41,7 +42,10 @@ def _frozen(key: str) -> bool:
 
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(frozen keys that changed, other keys that changed), each as `key old -> new`."""
+    """(frozen keys that changed, other keys that changed), each as `key old -> new`. A checkpoint written before
+    configs held absolute data paths records them relative to the directory it was started from, as now."""
+    saved = copy.deepcopy(saved)
+    absolute_data_paths(saved)
     a, b = flatten(saved), flatten(current)
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):

@@ -337,10 +337,26 @@ def load_train_config(path: Optional[str] = None, overrides: Optional[list] = No
     return cfg
 
 
+def _set_keys(config) -> dict:
+    """A Config as the mapping of sections a YAML file would hold: only what differs from the defaults, so a role
+    list, id column or fusion left at its default is left to column inference as in a file that omits it."""
+    from .config import Config, flatten
+
+    default = flatten(Config().to_dict())
+    raw: dict = {}
+    for key, value in flatten(config.to_dict()).items():
+        if default.get(key) != value:
+            node = raw
+            for part in key.split(".")[:-1]:
+                node = node.setdefault(part, {})
+            node[key.split(".")[-1]] = value
+    return raw
+
+
 def _config(config, options: dict, overrides: Optional[dict]):
     """The run's config: `config` (a YAML path, a packaged config's name, a dict of sections or a Config), then
     `overrides` (dotted keys, as --set), then `options` (the flags' Python names), as the command line orders them."""
-    from .config import Config, flatten
+    from .config import Config
     from .settings import by_name, unknown_keyword_message
 
     names, pairs = by_name(Config), list((overrides or {}).items())
@@ -350,10 +366,8 @@ def _config(config, options: dict, overrides: Optional[dict]):
                               + " (every config key is an option: docs/CONFIGURATION.md)")
         value = os.fspath(value) if isinstance(value, os.PathLike) else value
         pairs.append((names[name].key, names[name].python_value(value)))
-    if isinstance(config, Config):  # what differs from the defaults counts as given (for column inference)
-        default = flatten(Config().to_dict())
-        pairs = [(k, v) for k, v in flatten(config.to_dict()).items() if default.get(k) != v] + pairs
-        config = {}
+    if isinstance(config, Config):  # as the config file it stands for: the keys it sets away from the defaults
+        config = _set_keys(config)
     if isinstance(config, dict):
         return load_train_config(None, pairs, base=config)
     if config is not None and not isinstance(config, (str, os.PathLike)):

@@ -18,7 +18,6 @@ from .models.registry import fusion_names
 from .settings import build, check_fields, leaves, register_root, setting, suggestion
 from .task import validate_task
 
-FUSIONS = fusion_names()  # the built-in ones; model.fusion is checked against the registry as it is then
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 POOLINGS = ("pooler", "cls", "mean")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -182,7 +181,7 @@ class TrainConfig:
     num_workers: Optional[int] = setting(
         None, "DataLoader processes collating the next batches (default: 2 on GPU, 0 on CPU)", min=0)
     eval_batch_size: Optional[int] = setting(None, "rows per evaluation step and rank (default: batch_size)", min=1)
-    progress: bool = setting(True, "progress bar on rank 0")
+    progress: bool = setting(True, "progress on rank 0: a bar on a terminal, else a plain line every log_every steps; also the token cache build's progress")
     max_time: Optional[str] = setting(None, "stop cleanly (with a checkpoint) after this long, e.g. 23h30m, 90m, "
                                             "3600s")
     deterministic: bool = setting(False, "torch deterministic algorithms")
@@ -221,7 +220,7 @@ class DistConfig:
     collectives: Optional[Literal["p2p", "native"]] = setting(
         None, "FSDP on gloo: point-to-point exchanges (default) or gloo's own collectives")
     tf32: bool = setting(True, "fp32 matmuls on CUDA in TF32 (tensor cores)")
-    timeout_s: int = setting(600, "collective timeout in seconds", min=1)
+    timeout_s: int = setting(1800, "collective timeout in seconds: how long ranks wait for each other (e.g. while rank 0 alone writes the model or the merged files)", min=1)
 
     def validate(self) -> None:
         check_fields(self, "dist.")
@@ -372,7 +371,7 @@ def read_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, 
                 base: Optional[dict] = None) -> tuple[Config, set[str]]:
     """The config of a YAML file (or `base`, a mapping of sections) with dotted-key overrides applied, every key
     checked but not yet the column-role rules; and the dotted keys given explicitly (file, base or overrides)."""
-    raw: dict = _read_yaml(path) if path else copy.deepcopy(base) if base else {}
+    raw: dict = renamed_keys(_read_yaml(path) if path else copy.deepcopy(base) if base else {})
     for key, value in overrides or []:
         if "." not in key:
             hint = suggestion(key, [lf.key for lf in leaves(Config)])
@@ -396,21 +395,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[tuple[str, 
 RENAMED_KEYS = {("train", "progress_bar"): ("train", "progress")}
 
 
-def config_from_dict(raw: dict, check: bool = True) -> Config:
-    """A Config from a mapping of sections; `check=False` types every key but skips cross-key validation."""
-    raw = copy.deepcopy(raw)
+def renamed_keys(raw: dict) -> dict:
+    """`raw` (a mapping of sections, changed in place) with the keys of RENAMED_KEYS under their names now."""
     for (section, old), (_, new) in RENAMED_KEYS.items():
         if isinstance(raw.get(section), dict) and old in raw[section]:
             raw[section].setdefault(new, raw[section].pop(old))
-    cfg = build(Config, raw)
+    return raw
+
+
+def config_from_dict(raw: dict, check: bool = True) -> Config:
+    """A Config from a mapping of sections; `check=False` types every key but skips cross-key validation."""
+    cfg = build(Config, renamed_keys(copy.deepcopy(raw)))
     if check:
         cfg.validate()
     return cfg
 
-
-def validate(cfg: Config) -> None:
-    """Config.validate(): every section's checks and the rules across them."""
-    cfg.validate()
 
 
 def validate_seeds(t: TrainConfig) -> None:

@@ -627,3 +627,18 @@ def test_building_in_blocks_gives_the_whole_frames_dataset(tok, reviews, monkeyp
         np.testing.assert_array_equal(getattr(blocks.enc, k), getattr(whole.enc, k), err_msg=k)
     assert [[c.tolist() for c in r] for r in blocks.chunks] == [[c.tolist() for c in r] for r in whole.chunks]
     assert blocks.enc.texts == [] and len(whole.enc.texts) == 80
+
+
+def test_a_label_of_non_integer_numbers_stops_with_the_choice_to_make():
+    """3.5 as a label (label_type auto) would train one class per value and exit 0: the user chooses instead;
+    integers stored as floats (0.0 / 1.0) stay classes, and regression or string labels take the values."""
+    df = pd.DataFrame({"t": ["a b c"] * 6, "y": [1.5, 2.0, 3.25, 1.5, 2.0, 3.25]})
+    with pytest.raises(DataError, match=r"f.csv: label column 'y' holds non-integer numbers \(e.g. 1.5\): to predict "
+                                        r"the number, give --task regression .*--label-type string"):
+        Preprocessor.fit(df, DataConfig(text_columns=["t"], label_column="y"), "tok", "f.csv")
+    as_floats = df.assign(y=[0.0, 1.0] * 3)
+    assert Preprocessor.fit(as_floats, DataConfig(text_columns=["t"], label_column="y"), "tok", "f").classes == [0, 1]
+    strings = Preprocessor.fit(df, DataConfig(text_columns=["t"], label_column="y", label_type="string"), "tok", "f")
+    assert strings.classes == ["1.5", "2.0", "3.25"]
+    regression = Preprocessor.fit(df, DataConfig(text_columns=["t"], label_column="y", task="regression"), "tok", "f")
+    assert regression.task == "regression"

@@ -270,7 +270,7 @@ def test_eval_options_resolved_returns_a_new_checked_copy(tmp_path):
     assert (got.output_dir, got.main_model_dir) == (str(tmp_path / "o"), str(tmp_path / "m"))
     assert (got.importance_repeats, got.importance_seed, got.importance_rows) == (3, 0, None)
     assert EvalOptions(model_dir=["m"], output_dir="o").resolved().importance_repeats is None  # only with importance
-    assert (got.plots, got.progress, got.cache, got.timeout_s, got.batch_size) == (True, True, True, 600, 32)
+    assert (got.plots, got.progress, got.cache, got.timeout_s, got.batch_size) == (True, True, True, 1800, 32)
 
     onnx = tmp_path / "export" / "model.onnx"
     onnx.parent.mkdir()

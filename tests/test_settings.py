@@ -203,6 +203,8 @@ def test_data_paths_are_absolute_once_loaded(tmp_path):
 def test_a_saved_config_with_the_former_progress_key_still_loads():
     cfg = config_from_dict({**VALID, "train": {"progress_bar": False}}, check=False)
     assert cfg.train.progress is False
+    # and repeats as a training config (`mmbert train --config RUN/config.yaml`)
+    assert load_config(None, base={**VALID, "train": {"progress_bar": False}}).train.progress is False
 
 
 def test_train_with_data_and_label_only_gets_past_validation(tmp_path, monkeypatch):
@@ -217,6 +219,10 @@ def test_train_with_data_and_label_only_gets_past_validation(tmp_path, monkeypat
     from mmbert.config import DataConfig
 
     assert _config(Config(data=DataConfig(path="reviews.csv", label_column="y")), {}, None) == cfg
+    # a Config naming a role is a config file naming it: the whole truth, as the same dict (no inferred `age`)
+    named = Config(data=DataConfig(path="reviews.csv", label_column="y", text_columns=["review"]))
+    as_dict = _config({"data": {"path": "reviews.csv", "label_column": "y", "text_columns": ["review"]}}, {}, None)
+    assert _config(named, {}, None) == as_dict and as_dict.data.numeric_columns == []
 
 
 def test_evaluate_flags_are_generated_from_eval_options():

@@ -202,10 +202,22 @@ class Preprocessor:
             self.label_type = "int"
             self.classes = sorted({int(v) for v in col})
         else:
+            if label_type == "auto":
+                self._refuse_fractional_labels(col, file)
             self.label_type = "string"
             self.classes = sorted({str(v) for v in col})
         if len(self.classes) < 2:
             raise DataError(f"{file}: label column '{self.label_column}' has a single class {self.classes} in the train split")
+
+    def _refuse_fractional_labels(self, col, file: str):
+        """Numbers like 3.5 as a label with label_type auto: one class per value is rarely what was meant (and a
+        regression trained as a classifier exits 0 with a useless model): the user says which."""
+        example = next((v for v in col if isinstance(v, (float, np.floating)) and np.isfinite(v)
+                        and not float(v).is_integer()), None)
+        if example is not None:
+            raise DataError(f"{file}: label column '{self.label_column}' holds non-integer numbers (e.g. {float(example):g}): "
+                            f"to predict the number, give --task regression (data.task); to make each value a class, "
+                            f"give --label-type string (data.label_type)")
 
     @property
     def num_classes(self) -> int:

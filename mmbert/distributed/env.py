@@ -95,7 +95,7 @@ def set_threads(local_world: int, requested: int | None):
     return n
 
 
-def init_distributed(timeout_s: int = 600, num_threads: int | None = None) -> DistEnv:
+def init_distributed(timeout_s: int = 1800, num_threads: int | None = None) -> DistEnv:
     rank, world, local_rank, local_world, launcher = read_launch_env()
     setup_logging(rank, world)
     if torch.cuda.is_available():

@@ -62,7 +62,7 @@ class EvalOptions:
         "help": f"seed of the permutations and the row sample (default {IMPORTANCE_SEED})"})
     num_threads: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "CPU threads per process (default: cores / local processes)"})
-    timeout_s: int = field(default=600, metadata={"min": 1, "help": "collective timeout in seconds (default 600)"})
+    timeout_s: int = field(default=1800, metadata={"min": 1, "help": "collective timeout in seconds (default 1800, as train)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code of the encoder/tokenizer"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
     # filled by resolved(), never given (init=False: no flag, no keyword): every member scored

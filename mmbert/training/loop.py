@@ -350,7 +350,7 @@ class Trainer:
             if self.time_limit.near(state.step):
                 preempt.request_stop()
             why = preempt.agreed()
-            if why:
+            if why and not last:  # on the last step the run simply finishes: final/ is written
                 self.save()
                 self.stopped_early(why, preempt.signal_name)
                 return False

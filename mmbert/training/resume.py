@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import DATA_CACHE_KEYS, absolute_data_paths, flatten
+from ..config import DATA_CACHE_KEYS, absolute_data_paths, config_from_dict, flatten
 from ..distributed.gather import on_rank0
 from ..errors import ConfigError, DataError
 
@@ -41,11 +41,20 @@ def _frozen(key: str) -> bool:
     return section in FROZEN_SECTIONS or (section == "train" and name in FROZEN_TRAIN_KEYS)
 
 
+# defaults that changed to the measured recipe: a checkpoint holding the former one was most likely written
+# with the key left out, so a resume that "changes" it says why
+FORMER_DEFAULTS = {"model.pooling": "pooler", "data.max_chunks": 4, "train.head_lr": None}
+
+
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(frozen keys that changed, other keys that changed), each as `key old -> new`. A checkpoint written before
     configs held absolute data paths records them relative to the directory it was started from, as now."""
     saved = copy.deepcopy(saved)
     absolute_data_paths(saved)
+    try:  # keys added since the checkpoint was written take their defaults (as the run that wrote it had them)
+        saved = config_from_dict(saved, check=False).to_dict()
+    except ConfigError:
+        pass  # compared as recorded
     a, b = flatten(saved), flatten(current)
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
@@ -64,9 +73,15 @@ def check_resumable(saved: Optional[dict], current: dict, checkpoint: str) -> li
                     "model are unchanged", checkpoint)
         return []
     frozen, applied = config_changes(saved, current)
+    moved = [c.split()[0] for c in frozen + applied if c.split()[0] in FORMER_DEFAULTS
+             and flatten(saved).get(c.split()[0]) == FORMER_DEFAULTS[c.split()[0]]]
+    hint = (f"; the default of {', '.join(moved)} changed since the checkpoint was written: give the checkpoint's "
+            f"value explicitly to continue it as it was" if moved else "")
     if frozen:
         raise ConfigError(f"cannot resume {checkpoint} with a changed config: {'; '.join(frozen)} (these define the "
-                          f"model and its data; use a new --output-dir, or --overwrite to start over)")
+                          f"model and its data; use a new --output-dir, or --overwrite to start over){hint}")
+    if moved:
+        log.warning("resume: %s%s", "; ".join(c for c in applied if c.split()[0] in moved), hint)
     return applied
 
 

@@ -46,16 +46,21 @@ def _frozen(key: str) -> bool:
 FORMER_DEFAULTS = {"model.pooling": "pooler", "data.max_chunks": 4, "train.head_lr": None}
 
 
+def _complete(config: dict) -> dict:
+    """A recorded config with absolute data paths and every key: keys added since it was written take their
+    defaults, as the run that wrote it had them (compared as recorded when it no longer reads)."""
+    config = copy.deepcopy(config)
+    absolute_data_paths(config)
+    try:
+        return config_from_dict(config, check=False).to_dict()
+    except ConfigError:
+        return config
+
+
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(frozen keys that changed, other keys that changed), each as `key old -> new`. A checkpoint written before
     configs held absolute data paths records them relative to the directory it was started from, as now."""
-    saved = copy.deepcopy(saved)
-    absolute_data_paths(saved)
-    try:  # keys added since the checkpoint was written take their defaults (as the run that wrote it had them)
-        saved = config_from_dict(saved, check=False).to_dict()
-    except ConfigError:
-        pass  # compared as recorded
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(_complete(saved)), flatten(_complete(current))
     frozen, applied = [], []
     for key in sorted(set(a) | set(b)):
         section, _, name = key.partition(".")

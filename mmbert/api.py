@@ -117,6 +117,11 @@ class Predictor:
         return f"Predictor({m['path']!r}, backend={m['backend']}, fusion={m['fusion']}, {what})"
 
 
+def _duplicate_columns(df: pd.DataFrame) -> list:
+    """Column names that appear more than once, each once, in order."""
+    return list(dict.fromkeys(df.columns[df.columns.duplicated()]))
+
+
 def _frame(rows) -> pd.DataFrame:
     if isinstance(rows, (list, dict)):
         try:
@@ -126,7 +131,7 @@ def _frame(rows) -> pd.DataFrame:
     if not isinstance(rows, pd.DataFrame):
         raise DataError(f"rows to score must be a pandas DataFrame (or a list of dicts / a dict of columns), "
                         f"got {type(rows).__name__}")
-    dup = list(dict.fromkeys(rows.columns[rows.columns.duplicated()]))
+    dup = _duplicate_columns(rows)
     if dup:  # df[name] would be a frame, not a column: which one is the model's input?
         shown = ", ".join(repr(c) for c in dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
         several = len(dup) > 1
@@ -289,7 +294,7 @@ def _frame_file(df: pd.DataFrame, what: str) -> str:
     if len(df) == 0 or len(df.columns) == 0:
         raise DataError(f"{what}: the DataFrame has no {'rows' if len(df.columns) else 'columns'}")
     df = df.rename(columns=str)
-    dup = list(dict.fromkeys(df.columns[df.columns.duplicated()]))
+    dup = _duplicate_columns(df)
     if dup:
         raise DataError(f"{what}: column {dup[0]!r} appears more than once in the DataFrame: rename or drop it")
     buf = io.BytesIO()
@@ -340,16 +345,13 @@ def load_train_config(path: Optional[str] = None, overrides: Optional[list] = No
 def _set_keys(config) -> dict:
     """A Config as the mapping of sections a YAML file would hold: only what differs from the defaults, so a role
     list, id column or fusion left at its default is left to column inference as in a file that omits it."""
-    from .config import Config, flatten
+    from .config import Config, _set_path, flatten
 
     default = flatten(Config().to_dict())
     raw: dict = {}
     for key, value in flatten(config.to_dict()).items():
         if default.get(key) != value:
-            node = raw
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = value
+            _set_path(raw, key, value)
     return raw
 
 

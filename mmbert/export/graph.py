@@ -67,7 +67,7 @@ def score_wrapper(model, names: list[str]):
     return ScoreModel(model).eval()
 
 
-def example_inputs(spec, batch: dict, names: list[str]) -> dict:
+def example_inputs(batch: dict, names: list[str]) -> dict:
     """Export example: a real batch with batch, chunk and token sizes all >= 2 (torch.export specialises
     sizes 0 and 1), so no dynamic axis is traced as a constant."""
     import torch
@@ -173,7 +173,7 @@ def _try_export(model, names: list[str], example: dict, batches: list[dict], pat
 def export_verified(model, names: list[str], batches: list[dict], path: str, exporter: str, opset: Optional[int],
                      atol: float, debug: bool, say: Callable[[str], None]) -> dict:
     """The first exporter (dynamo, then TorchScript for auto) whose model verifies; ArtifactError if none does."""
-    example = example_inputs(model.spec, batches[3], names)
+    example = example_inputs(batches[3], names)
     failures = []
     for how in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
         report, failure = _try_export(model, names, example, batches, path, how, opset, atol, debug)

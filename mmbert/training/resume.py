@@ -78,8 +78,9 @@ def check_resumable(saved: Optional[dict], current: dict, checkpoint: str) -> li
                     "model are unchanged", checkpoint)
         return []
     frozen, applied = config_changes(saved, current)
-    moved = [c.split()[0] for c in frozen + applied if c.split()[0] in FORMER_DEFAULTS
-             and flatten(saved).get(c.split()[0]) == FORMER_DEFAULTS[c.split()[0]]]
+    recorded = flatten(saved)
+    moved = [key for key in (c.split()[0] for c in frozen + applied)
+             if key in FORMER_DEFAULTS and recorded.get(key) == FORMER_DEFAULTS[key]]
     hint = (f"; the default of {', '.join(moved)} changed since the checkpoint was written: give the checkpoint's "
             f"value explicitly to continue it as it was" if moved else "")
     if frozen:

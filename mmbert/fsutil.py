@@ -204,3 +204,11 @@ def warn_unverified(folder: str, why: str):
         _unverified.add(key)
         logging.getLogger("mmbert").warning("%s %s: it cannot be verified that its parts belong together; save "
                                             "or export it again to add a digest", folder, why)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, DataError, MMBertError
+from ..fsutil import available_cores
 
 log = logging.getLogger("mmbert")
 
@@ -192,13 +193,6 @@ def build_options(opts: BuildOptions):
 
 def current_build_options() -> BuildOptions:
     return _options.get()
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def workers_for(opts: BuildOptions, rows: int) -> int:

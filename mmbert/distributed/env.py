@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..fsutil import available_cores
 
 log = logging.getLogger("mmbert")
 
@@ -86,11 +87,7 @@ def setup_logging(rank: int, world: int):
 
 def set_threads(local_world: int, requested: int | None):
     """torchrun sets OMP_NUM_THREADS=1; on CPU split the cores we may use between the local ranks instead."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    n = requested or max(1, cores // max(1, local_world))
+    n = requested or max(1, available_cores() // max(1, local_world))
     torch.set_num_threads(n)
     return n
 
